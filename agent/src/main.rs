@@ -1,0 +1,5 @@
+//! `gantry-agent` binary: everything lives in the library's `cli` module.
+
+fn main() -> std::process::ExitCode {
+    gantry_agent::cli::main()
+}

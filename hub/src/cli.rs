@@ -1,0 +1,437 @@
+//! Command line of `gantry-hub`: `init`, `serve`, `quickstart` and `token create`.
+//!
+//! Parses flags, loads the config once, sets up logging and calls the library. `token
+//! create` talks to a running hub over its HTTP API (the store is locked by the server), with
+//! the operator key from `GANTRY_API_KEY` or `DATA/operator.key`.
+
+use crate::config::{Config, Overrides};
+use crate::{Hub, InitOutcome, Listeners};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "gantry-hub", version, about = "Gantry hub: accounts, fleet and deployments for agents on machines you don't own")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct ServeFlags {
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (store and keys).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// HTTP listen address (API, dashboard, metrics).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// QUIC listen address for agents.
+    #[arg(long)]
+    quic: Option<SocketAddr>,
+    /// `HOST:PORT` agents dial, written into enrollment tokens.
+    #[arg(long)]
+    public_addr: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the store, CA, server certificate and first operator account.
+    Init {
+        /// Data directory to create.
+        #[arg(long, env = "GANTRY_DATA", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// `HOST:PORT` agents will dial (the QUIC address as seen from agents).
+        #[arg(long, env = "GANTRY_PUBLIC_ADDR")]
+        public_addr: String,
+    },
+    /// Serve agents, the API and the dashboard.
+    Serve(ServeFlags),
+    /// Initialise if needed, serve, enroll a local agent and print how to log in.
+    Quickstart(ServeFlags),
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Deployments.
+    Deploy {
+        #[command(subcommand)]
+        command: DeployCommand,
+    },
+}
+
+/// Where the CLI finds a running hub and its operator key.
+#[derive(Debug, Args, Clone)]
+struct Remote {
+    /// Hub HTTP base URL.
+    #[arg(long, env = "GANTRY_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Data directory holding `operator.key` (used when GANTRY_API_KEY is not set).
+    #[arg(long, env = "GANTRY_DATA", default_value = crate::config::DEFAULT_DATA_DIR)]
+    data: PathBuf,
+}
+
+impl Remote {
+    fn key(&self) -> anyhow::Result<String> {
+        match env("GANTRY_API_KEY") {
+            Some(key) => Ok(key),
+            None => Ok(std::fs::read_to_string(self.data.join("operator.key"))
+                .with_context(|| format!("no GANTRY_API_KEY and no {}/operator.key", self.data.display()))?
+                .trim()
+                .to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DeployCommand {
+    /// Create or update a deployment from a file (`{"spec": {...}, "targets": {...}}`, JSON
+    /// or YAML); an existing deployment of the same name in the org gets a new revision.
+    Apply {
+        /// The file (`.json`, `.yaml` or `.yml`; `-` reads standard input as YAML or JSON).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Org the deployment belongs to.
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show a deployment and where it stands on each agent.
+    Status {
+        /// Deployment id.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Roll a deployment back to an earlier revision (the previous one by default).
+    Rollback {
+        /// Deployment id.
+        id: String,
+        /// Revision to go back to.
+        #[arg(long)]
+        revision: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create an enrollment token and print the command that enrolls a machine.
+    Create {
+        /// Org the agents will belong to.
+        #[arg(long)]
+        org: String,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many machines may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Label given to enrolled agents, `key=value`; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Hub HTTP base URL.
+        #[arg(long, env = "GANTRY_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Data directory holding `operator.key` (used when GANTRY_API_KEY is not set).
+        #[arg(long, env = "GANTRY_DATA", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+    },
+}
+
+/// The whole program.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    gantry_agent::cli::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn load_config(flags: &ServeFlags) -> anyhow::Result<Config> {
+    let overrides = Overrides { data_dir: flags.data.clone(), http_addr: flags.http, quic_addr: flags.quic, public_addr: flags.public_addr.clone() };
+    Config::load(flags.config.as_deref(), &env, &overrides)
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init { data, public_addr } => {
+            let email = env("GANTRY_ADMIN_EMAIL").unwrap_or_else(|| crate::DEFAULT_ADMIN_EMAIL.to_string());
+            let password = env("GANTRY_ADMIN_PASSWORD");
+            match crate::init(&data, &public_addr, &email, password.as_deref())? {
+                InitOutcome::AlreadyInitialised { ca_fingerprint } => {
+                    println!("{} is already initialised (CA {ca_fingerprint}); nothing changed", data.display());
+                }
+                InitOutcome::Created { admin_email, admin_password, operator_key, ca_fingerprint } => {
+                    println!("initialised {} (CA {ca_fingerprint})", data.display());
+                    println!("admin login: {admin_email}");
+                    if let Some(password) = admin_password {
+                        println!("admin password (shown once): {password}");
+                    }
+                    println!("operator API key (shown once, also saved to {}/operator.key): {operator_key}", data.display());
+                }
+            }
+            Ok(())
+        }
+        Command::Serve(flags) => {
+            let config = load_config(&flags)?;
+            let listeners = Listeners::bind(&config)?;
+            let hub = Hub::open(config).context("opening the data directory")?;
+            tracing::info!(config = ?hub.config, "configuration");
+            crate::run(hub, listeners, gantry_agent::cli::shutdown_signal()).await
+        }
+        Command::Quickstart(flags) => quickstart(flags).await,
+        Command::Deploy { command } => deploy(command).await,
+        Command::Token { command: TokenCommand::Create { org, ttl, uses, labels, url, data } } => {
+            let key = match env("GANTRY_API_KEY") {
+                Some(key) => key,
+                None => std::fs::read_to_string(data.join("operator.key"))
+                    .with_context(|| format!("no GANTRY_API_KEY and no {}/operator.key", data.display()))?
+                    .trim()
+                    .to_string(),
+            };
+            let mut label_map = serde_json::Map::new();
+            for label in labels {
+                let (k, v) = label.split_once('=').with_context(|| format!("label {label:?} must be key=value"))?;
+                label_map.insert(k.to_string(), serde_json::Value::String(v.to_string()));
+            }
+            let body = serde_json::json!({ "ttl": ttl, "uses": uses, "labels": label_map });
+            let path = format!("/api/v1/orgs/{org}/enrollment-tokens");
+            let reply = http_json("POST", &url, &path, &key, Some(&body)).await?;
+            let token = reply["token"].as_str().context("reply has no token")?;
+            println!("token {} for org {org}, {uses} use(s), expires {}", reply["id"].as_str().unwrap_or(""), reply["expires_at"].as_str().unwrap_or(""));
+            println!("{token}");
+            println!("enroll a machine with:\n  gantry-agent enroll --token {token} && gantry-agent run");
+            Ok(())
+        }
+    }
+}
+
+/// Call the hub's API with an optional JSON body; the parsed reply, or the API's error.
+pub async fn http_json(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let uri = format!("{}{path}", base.trim_end_matches('/'));
+    anyhow::ensure!(uri.starts_with("http://"), "only http:// hub URLs are supported by this command: {uri}");
+    let bytes = match body {
+        Some(body) => serde_json::to_vec(body)?,
+        None => Vec::new(),
+    };
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(&uri)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(Full::new(bytes::Bytes::from(bytes)))?;
+    let response = tokio::time::timeout(Duration::from_secs(15), client.request(request))
+        .await
+        .with_context(|| format!("no answer from {uri} within 15 s"))?
+        .with_context(|| format!("cannot reach the hub at {base}"))?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let message = value["error"]["message"].as_str().unwrap_or("no details");
+        anyhow::bail!("hub answered {status}: {message}");
+    }
+    Ok(value)
+}
+
+/// Read a deployment file as JSON or YAML.
+fn read_deploy_file(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    let is_json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    if is_json {
+        serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))
+    } else {
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {} as YAML", path.display()))
+    }
+}
+
+fn print_deployment(reply: &serde_json::Value) {
+    println!(
+        "deployment {} ({}) revision {}{}",
+        reply["id"].as_str().unwrap_or(""),
+        reply["name"].as_str().unwrap_or(""),
+        reply["revision"],
+        if reply["deleted_at"].is_string() { ", deleted" } else { "" }
+    );
+    let targets: Vec<&str> = reply["target_agents"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+    println!("targets: {}", if targets.is_empty() { "(no agent matches yet)".to_string() } else { targets.join(", ") });
+    if let Some(agents) = reply["agents"].as_object() {
+        for (agent, status) in agents {
+            println!(
+                "  {agent}: revision {} {}{}",
+                status["revision"],
+                status["state"].as_str().unwrap_or("?"),
+                status["message"].as_str().filter(|m| !m.is_empty() && *m != "healthy").map(|m| format!(" ({m})")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+async fn deploy(command: DeployCommand) -> anyhow::Result<()> {
+    match command {
+        DeployCommand::Apply { file, org, remote } => {
+            let body = read_deploy_file(&file)?;
+            let name = body["spec"]["name"].as_str().context("the file needs spec.name")?.to_string();
+            let key = remote.key()?;
+            let list = http_json("GET", &remote.url, &format!("/api/v1/orgs/{org}/deployments"), &key, None).await?;
+            let existing =
+                list["deployments"].as_array().and_then(|all| all.iter().find(|d| d["name"] == name.as_str())).and_then(|d| d["id"].as_str()).map(String::from);
+            let reply = match existing {
+                Some(id) => http_json("PUT", &remote.url, &format!("/api/v1/deployments/{id}"), &key, Some(&body)).await?,
+                None => http_json("POST", &remote.url, &format!("/api/v1/orgs/{org}/deployments"), &key, Some(&body)).await?,
+            };
+            print_deployment(&reply);
+            Ok(())
+        }
+        DeployCommand::Status { id, remote } => {
+            let reply = http_json("GET", &remote.url, &format!("/api/v1/deployments/{id}"), &remote.key()?, None).await?;
+            print_deployment(&reply);
+            Ok(())
+        }
+        DeployCommand::Rollback { id, revision, remote } => {
+            let body = serde_json::json!({ "revision": revision });
+            let reply = http_json("POST", &remote.url, &format!("/api/v1/deployments/{id}/rollback"), &remote.key()?, Some(&body)).await?;
+            print_deployment(&reply);
+            Ok(())
+        }
+    }
+}
+
+/// Quickstart's local org.
+pub const QUICKSTART_ORG: &str = "default";
+
+async fn quickstart(flags: ServeFlags) -> anyhow::Result<()> {
+    let mut config = load_config(&flags)?;
+    let listeners = Listeners::bind(&config)?;
+    let quic_port = listeners.quic.local_addr()?.port();
+    let quic_ip = listeners.quic.local_addr()?.ip();
+    let local_quic = SocketAddr::new(if quic_ip.is_unspecified() { [127, 0, 0, 1].into() } else { quic_ip }, quic_port);
+    let default_public = if quic_ip.is_unspecified() { format!("127.0.0.1:{quic_port}") } else { format!("{quic_ip}:{quic_port}") };
+    let public_addr = config.public_addr.clone().unwrap_or(default_public);
+    config.http_addr = listeners.http.local_addr()?;
+    let data = config.data_dir.clone();
+    let email = env("GANTRY_ADMIN_EMAIL").unwrap_or_else(|| crate::DEFAULT_ADMIN_EMAIL.to_string());
+    let password_file = data.join("initial-admin-password");
+    let login = match crate::init(&data, &public_addr, &email, env("GANTRY_ADMIN_PASSWORD").as_deref())? {
+        InitOutcome::Created { admin_email, admin_password, .. } => {
+            if let Some(password) = &admin_password {
+                crate::write_secret(&password_file, password)?;
+            }
+            (admin_email, admin_password)
+        }
+        InitOutcome::AlreadyInitialised { .. } => (email, std::fs::read_to_string(&password_file).ok().map(|p| p.trim().to_string())),
+    };
+    if config.public_addr.is_none() {
+        config.public_addr = Some(public_addr);
+    }
+    let hub = Hub::open(config)?;
+    if hub.store.org(QUICKSTART_ORG)?.is_none() {
+        hub.store.create_org(&crate::store::Org {
+            id: QUICKSTART_ORG.to_string(),
+            name: "Default".to_string(),
+            agent_limit: hub.config.default_org_agent_limit,
+            agent_count: 0,
+            suspended: false,
+            created_at_ms: crate::wall_ms(),
+            retention_days: 0,
+        })?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve = {
+        let hub = hub.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            crate::run(hub, listeners, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
+    let agent_dir = data.join("local-agent");
+    let state = gantry_agent::state::StateDir::new(&agent_dir);
+    if !state.is_enrolled() {
+        let minted = crate::enroll::create_token(&hub, token_request(QUICKSTART_ORG, Duration::from_secs(600), 1, "quickstart"))?;
+        let done = gantry_agent::enroll::enroll(&minted.text, &state, false, Duration::from_secs(20)).await?;
+        tracing::info!(agent_id = %done.identity.agent_id, "local agent enrolled");
+    }
+    // The local agent dials the listener directly: its enrolled address may name a port
+    // from an earlier run (quickstart may bind port 0).
+    let agent_config =
+        gantry_agent::config::Config { state_dir: agent_dir.clone(), hub_addr: Some(local_quic.to_string()), ..gantry_agent::config::Config::default() };
+    let agent = {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            gantry_agent::connection::run(agent_config, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
+    let another = crate::enroll::create_token(&hub, token_request(QUICKSTART_ORG, Duration::from_secs(24 * 3600), 10, "quickstart"))?;
+    print_quickstart(&hub, &login, &another.text, &data);
+
+    gantry_agent::cli::shutdown_signal().await;
+    println!("stopping…");
+    let _ = stop_tx.send(true);
+    if let Ok(Err(error)) = agent.await {
+        tracing::warn!(%error, "local agent stopped with an error");
+    }
+    serve.await.context("hub task")??;
+    Ok(())
+}
+
+fn token_request(org: &str, ttl: Duration, uses: u32, by: &str) -> crate::enroll::TokenRequest {
+    crate::enroll::TokenRequest { org: org.to_string(), ttl, uses, labels: Vec::new(), created_by: by.to_string() }
+}
+
+fn print_quickstart(hub: &Arc<Hub>, login: &(String, Option<String>), token: &str, data: &Path) {
+    let url = hub.config.public_url();
+    println!();
+    println!("Gantry is running.");
+    println!("  dashboard:  {url}/");
+    println!("  login:      {}", login.0);
+    match &login.1 {
+        Some(password) => println!("  password:   {password}"),
+        None => println!("  password:   the one set with GANTRY_ADMIN_PASSWORD when {} was created", data.display()),
+    }
+    println!("  agents:     QUIC on {} (a local agent is enrolled in org '{QUICKSTART_ORG}')", hub.public_addr);
+    println!("  API key:    {}/operator.key (use as `Authorization: Bearer`)", data.display());
+    println!();
+    println!("Enroll another machine (token valid 24 h, 10 uses):");
+    println!("  gantry-agent enroll --token {token} && gantry-agent run");
+    println!();
+    println!("Press Ctrl-C to stop.");
+}

@@ -1,0 +1,297 @@
+//! Hub configuration: one struct, loaded once and passed down.
+//!
+//! Precedence: built-in defaults < TOML file (`--config`) < `GANTRY_*` environment <
+//! command-line flags. Every field's doc comment is its user documentation; the README's
+//! configuration table is made from them. Startup logs a redacted copy.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./gantry-data";
+/// Default HTTP listen address.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+/// Default QUIC listen address.
+pub const DEFAULT_QUIC_ADDR: &str = "0.0.0.0:7443";
+
+/// Everything `gantry-hub serve` needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the sled store (`store/`) and the CA and server keys (`pki/`).
+    /// Env `GANTRY_DATA`, flag `--data`.
+    pub data_dir: PathBuf,
+    /// TCP address for the HTTP API, dashboard, `/healthz`, `/readyz` and `/metrics`.
+    /// Env `GANTRY_HTTP_ADDR`, flag `--http`.
+    pub http_addr: SocketAddr,
+    /// UDP address for agent QUIC connections. Env `GANTRY_QUIC_ADDR`, flag `--quic`.
+    pub quic_addr: SocketAddr,
+    /// `HOST:PORT` that agents dial, written into enrollment tokens. Defaults to the
+    /// address given at `init`. Env `GANTRY_PUBLIC_ADDR`, flag `--public-addr`.
+    pub public_addr: Option<String>,
+    /// Base URL of the dashboard as users reach it, e.g. `https://hub.example.com`; used in
+    /// printed links. Defaults to `http://` plus the HTTP address. Env `GANTRY_PUBLIC_URL`.
+    pub public_url: Option<String>,
+    /// Largest protocol frame accepted from an agent, in bytes (at most 16 MiB).
+    pub max_frame_bytes: usize,
+    /// How often agents send heartbeats, in seconds.
+    pub heartbeat_interval_secs: u64,
+    /// A session that has sent nothing for this long is closed and the agent shown
+    /// offline, in seconds. Must be at least twice the heartbeat interval.
+    pub liveness_timeout_secs: u64,
+    /// Lifetime of agent certificates, in seconds (default 30 days). Agents renew at
+    /// about two thirds of it over their live connection.
+    pub agent_cert_lifetime_secs: u64,
+    /// Agent limit for orgs created without one.
+    pub default_org_agent_limit: u32,
+    /// On shutdown, agents are told to come back after this many seconds (plus jitter).
+    pub drain_retry_after_secs: u64,
+    /// Login sessions end after this long without a request, in seconds.
+    pub session_idle_timeout_secs: u64,
+    /// Login sessions end this long after login regardless of use, in seconds.
+    pub session_absolute_timeout_secs: u64,
+    /// Largest HTTP request body accepted, in bytes.
+    pub max_http_body_bytes: usize,
+    /// Days of telemetry (logs, events, metrics, health) kept for orgs without their own
+    /// retention.
+    pub default_retention_days: u32,
+    /// Seconds between runs of the retention pruner.
+    pub prune_interval_secs: u64,
+    /// File holding the key that encrypts org secrets and registry passwords in the store
+    /// (32 bytes, mode 0600). Defaults to `DATA/pki/secrets.key`; created while the store
+    /// holds no sealed value. Keep it out of store backups (or back it up apart): without
+    /// it the secrets cannot be read, and a different key makes the hub refuse to start.
+    /// Env `GANTRY_SECRETS_KEY_FILE`.
+    pub secrets_key_file: Option<PathBuf>,
+    /// QUIC transport limits.
+    pub quic: QuicLimits,
+}
+
+/// QUIC limits, set explicitly rather than left to library defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicLimits {
+    /// Most agent connections served at once; further ones are refused (agents retry
+    /// with backoff).
+    pub max_connections: usize,
+    /// Handshakes in progress (not yet finished) above which new clients must first prove
+    /// their address with a QUIC Retry round trip; established sessions do not count.
+    pub retry_above_incoming: usize,
+    /// Most handshakes in flight; above this, new attempts are refused.
+    pub max_incoming: usize,
+    /// A connection with no packets for this long is closed, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Flow-control window per stream, in bytes.
+    pub stream_receive_window: u32,
+    /// Flow-control window per connection, across streams, in bytes.
+    pub receive_window: u32,
+    /// Most bytes buffered for sending per connection.
+    pub send_window: u64,
+    /// Most bidirectional streams an agent may open at once (control plus telemetry).
+    pub max_concurrent_bidi_streams: u32,
+    /// Most unidirectional streams an agent may open at once.
+    pub max_concurrent_uni_streams: u32,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        QuicLimits {
+            max_connections: 20_000,
+            retry_above_incoming: 256,
+            max_incoming: 4096,
+            idle_timeout_secs: 30,
+            stream_receive_window: 256 * 1024,
+            receive_window: 1024 * 1024,
+            send_window: 1024 * 1024,
+            max_concurrent_bidi_streams: 8,
+            max_concurrent_uni_streams: 8,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            http_addr: DEFAULT_HTTP_ADDR.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            quic_addr: DEFAULT_QUIC_ADDR.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 7443))),
+            public_addr: None,
+            public_url: None,
+            max_frame_bytes: gantry_shared::frame::DEFAULT_MAX_FRAME_BYTES,
+            heartbeat_interval_secs: 5,
+            liveness_timeout_secs: 15,
+            agent_cert_lifetime_secs: 30 * 24 * 3600,
+            default_org_agent_limit: 100,
+            drain_retry_after_secs: 2,
+            session_idle_timeout_secs: 12 * 3600,
+            session_absolute_timeout_secs: 7 * 24 * 3600,
+            max_http_body_bytes: 256 * 1024,
+            default_retention_days: 7,
+            prune_interval_secs: 300,
+            secrets_key_file: None,
+            quic: QuicLimits::default(),
+        }
+    }
+}
+
+/// Flags that override the file and environment (`None` = not given).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data`.
+    pub data_dir: Option<PathBuf>,
+    /// `--http`.
+    pub http_addr: Option<SocketAddr>,
+    /// `--quic`.
+    pub quic_addr: Option<SocketAddr>,
+    /// `--public-addr`.
+    pub public_addr: Option<String>,
+}
+
+impl Config {
+    /// Load: defaults, then `file` if given, then `GANTRY_*` variables from `env`, then
+    /// `flags`. Every problem found is reported together.
+    pub fn load(file: Option<&std::path::Path>, env: &dyn Fn(&str) -> Option<String>, flags: &Overrides) -> anyhow::Result<Config> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        let mut errors = Vec::new();
+        if let Some(v) = env("GANTRY_DATA") {
+            config.data_dir = PathBuf::from(v);
+        }
+        let mut addr = |name: &str, slot: &mut SocketAddr| {
+            if let Some(v) = env(name) {
+                match v.parse() {
+                    Ok(a) => *slot = a,
+                    Err(e) => errors.push(format!("{name}={v:?}: {e}")),
+                }
+            }
+        };
+        addr("GANTRY_HTTP_ADDR", &mut config.http_addr);
+        addr("GANTRY_QUIC_ADDR", &mut config.quic_addr);
+        if let Some(v) = env("GANTRY_PUBLIC_ADDR") {
+            config.public_addr = Some(v);
+        }
+        if let Some(v) = env("GANTRY_PUBLIC_URL") {
+            config.public_url = Some(v);
+        }
+        if let Some(v) = env("GANTRY_SECRETS_KEY_FILE") {
+            config.secrets_key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = &flags.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = flags.http_addr {
+            config.http_addr = v;
+        }
+        if let Some(v) = flags.quic_addr {
+            config.quic_addr = v;
+        }
+        if let Some(v) = &flags.public_addr {
+            config.public_addr = Some(v.clone());
+        }
+        errors.extend(config.validate());
+        if !errors.is_empty() {
+            anyhow::bail!("invalid configuration:\n  {}", errors.join("\n  "));
+        }
+        Ok(config)
+    }
+
+    /// Where the secrets key is kept.
+    pub fn secrets_key_path(&self) -> PathBuf {
+        self.secrets_key_file.clone().unwrap_or_else(|| self.data_dir.join("pki").join("secrets.key"))
+    }
+
+    /// Every rule the values break.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.heartbeat_interval_secs == 0 {
+            errors.push("heartbeat_interval_secs must be at least 1".to_string());
+        }
+        if self.liveness_timeout_secs < 2 * self.heartbeat_interval_secs {
+            errors.push("liveness_timeout_secs must be at least twice heartbeat_interval_secs".to_string());
+        }
+        if self.quic.idle_timeout_secs <= self.heartbeat_interval_secs {
+            errors.push("quic.idle_timeout_secs must exceed heartbeat_interval_secs".to_string());
+        }
+        if self.max_frame_bytes == 0 || self.max_frame_bytes > gantry_shared::frame::MAX_FRAME_CEILING_BYTES {
+            errors.push(format!("max_frame_bytes must be 1..={}", gantry_shared::frame::MAX_FRAME_CEILING_BYTES));
+        }
+        if self.default_retention_days == 0 || self.default_retention_days > crate::retention::MAX_RETENTION_DAYS {
+            errors.push(format!("default_retention_days must be 1..={}", crate::retention::MAX_RETENTION_DAYS));
+        }
+        if self.prune_interval_secs == 0 {
+            errors.push("prune_interval_secs must be at least 1".to_string());
+        }
+        if self.agent_cert_lifetime_secs < 10 {
+            errors.push("agent_cert_lifetime_secs must be at least 10".to_string());
+        }
+        if let Some(addr) = &self.public_addr {
+            if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                errors.push(format!("public_addr {addr:?} must be HOST:PORT"));
+            }
+        }
+        errors
+    }
+
+    /// Base URL for printed links.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => {
+                let addr = self.http_addr;
+                let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+                format!("http://{host}:{}", addr.port())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_file_then_env_then_flags() {
+        let dir = std::env::temp_dir().join(format!("gantry-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hub.toml");
+        std::fs::write(&file, "http_addr = \"127.0.0.1:9000\"\nquic_addr = \"127.0.0.1:9001\"\n[quic]\nmax_connections = 5\n").unwrap();
+        let env = |k: &str| (k == "GANTRY_QUIC_ADDR").then(|| "127.0.0.1:9002".to_string());
+        let flags = Overrides { data_dir: Some("/tmp/x".into()), ..Overrides::default() };
+        let c = Config::load(Some(&file), &env, &flags).unwrap();
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.quic_addr.port(), 9002);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.quic.max_connections, 5);
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let config: Config = toml::from_str(include_str!("../../deploy/hub.example.toml")).unwrap();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert_eq!(config.public_addr.as_deref(), Some("hub.example.com:7443"));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_reported_together() {
+        let dir = std::env::temp_dir().join(format!("gantry-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hub.toml");
+        std::fs::write(&file, "htp_addr = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), &|_| None, &Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+        let env = |k: &str| match k {
+            "GANTRY_HTTP_ADDR" => Some("nope".to_string()),
+            "GANTRY_PUBLIC_ADDR" => Some("noport".to_string()),
+            _ => None,
+        };
+        let err = format!("{:#}", Config::load(None, &env, &Overrides::default()).unwrap_err());
+        assert!(err.contains("GANTRY_HTTP_ADDR") && err.contains("public_addr"), "{err}");
+    }
+}

@@ -1,0 +1,577 @@
+//! Harness for end-to-end tests: boots real hubs in-process on `127.0.0.1:0` with real sled
+//! files, runs real agents (in-process or as processes), and talks to the hub's HTTP API
+//! like any client would.
+//!
+//! Tests wait on conditions with deadlines ([`wait_for`]), never on fixed sleeps.
+
+#![allow(clippy::unwrap_used)]
+
+pub mod chaos;
+
+pub mod bench;
+
+use anyhow::Context;
+use gantry_hub::config::Config;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Admin password used by test hubs.
+pub const ADMIN_PASSWORD: &str = "test password for gantry";
+pub const ADMIN_EMAIL: &str = "ops@example.com";
+
+/// Log to the test output when `GANTRY_LOG` is set.
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("GANTRY_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_test_writer().try_init();
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("gantry-e2e-{name}-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Wait until `check` returns `Some`, polling every 50 ms, failing after `limit` with `what`.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A hub running in-process.
+#[derive(Debug)]
+pub struct TestHub {
+    pub data: PathBuf,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub operator_key: String,
+    pub hub: Arc<gantry_hub::Hub>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestHub {
+    /// Initialise `data` (if new) and serve on fresh loopback ports.
+    pub async fn start(data: &Path, tweak: impl FnOnce(&mut Config)) -> TestHub {
+        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind http");
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
+        Self::start_on(data, http, quic, tweak).await
+    }
+
+    /// Serve on the given addresses (to restart a hub where agents expect it).
+    pub async fn start_at(data: &Path, http: SocketAddr, quic: SocketAddr, tweak: impl FnOnce(&mut Config)) -> TestHub {
+        let http = std::net::TcpListener::bind(http).expect("rebind http");
+        let quic = std::net::UdpSocket::bind(quic).expect("rebind quic");
+        Self::start_on(data, http, quic, tweak).await
+    }
+
+    async fn start_on(data: &Path, http: std::net::TcpListener, quic: std::net::UdpSocket, tweak: impl FnOnce(&mut Config)) -> TestHub {
+        init_logging();
+        let http_addr = http.local_addr().expect("http addr");
+        let quic_addr = quic.local_addr().expect("quic addr");
+        let public_addr = quic_addr.to_string();
+        gantry_hub::init(data, &public_addr, ADMIN_EMAIL, Some(ADMIN_PASSWORD)).expect("init hub");
+        let operator_key = std::fs::read_to_string(data.join("operator.key")).expect("operator key").trim().to_string();
+        let mut config = Config { data_dir: data.to_path_buf(), http_addr, quic_addr, public_addr: Some(public_addr), ..Config::default() };
+        tweak(&mut config);
+        let hub = gantry_hub::Hub::open(config).expect("open hub");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let listeners = gantry_hub::Listeners { http, quic };
+        let task = tokio::spawn(gantry_hub::run(hub.clone(), listeners, async move {
+            let _ = stop_rx.await;
+        }));
+        let test_hub = TestHub { data: data.to_path_buf(), http: http_addr, quic: quic_addr, operator_key, hub, stop: Some(stop_tx), task: Some(task) };
+        let api = test_hub.api();
+        wait_for(Duration::from_secs(10), "hub /readyz", || async { (api.get_status("/readyz").await == 200).then_some(()) }).await;
+        test_hub
+    }
+
+    /// API client with the operator key.
+    pub fn api(&self) -> Api {
+        Api { base: format!("http://{}", self.http), bearer: Some(self.operator_key.clone()), cookie: None }
+    }
+
+    /// Graceful shutdown (drains agents); waits until fully stopped.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("hub task panicked").expect("hub run failed");
+        }
+    }
+
+    /// Create an org with an agent limit.
+    pub async fn create_org(&self, id: &str, agent_limit: u32) {
+        let (status, body) = self.api().post("/api/v1/orgs", &serde_json::json!({ "id": id, "agent_limit": agent_limit })).await;
+        assert_eq!(status, 201, "create org: {body}");
+    }
+
+    /// Mint a token; returns its text.
+    pub async fn token(&self, org: &str, uses: u32, ttl: &str) -> String {
+        let (status, body) = self.api().post(&format!("/api/v1/orgs/{org}/enrollment-tokens"), &serde_json::json!({ "uses": uses, "ttl": ttl })).await;
+        assert_eq!(status, 201, "create token: {body}");
+        body["token"].as_str().expect("token text").to_string()
+    }
+
+    /// The agent as the API shows it.
+    pub async fn agent(&self, id: &str) -> Value {
+        let (status, body) = self.api().get(&format!("/api/v1/agents/{id}")).await;
+        assert_eq!(status, 200, "get agent: {body}");
+        body
+    }
+
+    /// Wait until the API shows `status` for agent `id`.
+    pub async fn wait_status(&self, id: &str, status: &str, limit: Duration) -> Value {
+        wait_for(limit, &format!("agent {id} {status}"), || async {
+            let agent = self.agent(id).await;
+            (agent["status"] == status).then_some(agent)
+        })
+        .await
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A minimal HTTP client for the hub API.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub base: String,
+    pub bearer: Option<String>,
+    pub cookie: Option<String>,
+}
+
+impl Api {
+    pub fn anonymous(&self) -> Api {
+        Api { base: self.base.clone(), bearer: None, cookie: None }
+    }
+
+    pub fn with_bearer(&self, bearer: &str) -> Api {
+        Api { base: self.base.clone(), bearer: Some(bearer.to_string()), cookie: None }
+    }
+
+    /// Send a request; status, headers and body text.
+    pub async fn send(&self, method: &str, path: &str, content_type: Option<&str>, body: Vec<u8>) -> (u16, hyper::HeaderMap, String) {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+        let mut request = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        if let Some(bearer) = &self.bearer {
+            request = request.header("authorization", format!("Bearer {bearer}"));
+        }
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie.clone());
+        }
+        let request = request.body(Full::new(bytes::Bytes::from(body))).expect("request");
+        let response =
+            tokio::time::timeout(Duration::from_secs(20), client.request(request)).await.expect("HTTP request timed out").expect("HTTP request failed");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (status, _, body) = self.send("GET", path, None, Vec::new()).await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+
+    pub async fn get_status(&self, path: &str) -> u16 {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+        let request = hyper::Request::get(format!("{}{path}", self.base)).body(Full::new(bytes::Bytes::new())).expect("request");
+        match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
+            Ok(Ok(response)) => response.status().as_u16(),
+            _ => 0,
+        }
+    }
+
+    pub async fn post(&self, path: &str, json: &Value) -> (u16, Value) {
+        let (status, _, body) = self.send("POST", path, Some("application/json"), serde_json::to_vec(json).expect("json")).await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+}
+
+/// Path of the agent program built by this crate (cargo builds a package's binaries before
+/// its integration tests, next to the `deps/` folder the test runs from).
+pub fn agent_binary() -> PathBuf {
+    binary("gantry-e2e-agent")
+}
+
+/// Path of the hub program built by this crate.
+pub fn hub_binary() -> PathBuf {
+    binary("gantry-e2e-hub")
+}
+
+fn binary(name: &str) -> PathBuf {
+    // Tests run from `target/<profile>/deps/`, binaries such as gantry-chaos from
+    // `target/<profile>/`; the programs sit in `target/<profile>/` either way.
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("target directory") } else { dir };
+    let path = dir.join(name);
+    assert!(path.exists(), "{name} missing at {}; build the workspace with cargo first", path.display());
+    path
+}
+
+/// An agent running as its own process (so it can be killed with SIGKILL).
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub child: tokio::process::Child,
+    pub state_dir: PathBuf,
+}
+
+impl AgentProcess {
+    /// Start `gantry-agent run --state-dir DIR`.
+    pub fn start(state_dir: &Path) -> AgentProcess {
+        Self::spawn(state_dir, None)
+    }
+
+    /// Start an agent that dials `hub_addr` (`GANTRY_HUB_ADDR`) instead of its enrolled address.
+    pub fn start_via(state_dir: &Path, hub_addr: &str) -> AgentProcess {
+        Self::spawn(state_dir, Some(hub_addr))
+    }
+
+    fn spawn(state_dir: &Path, hub_addr: Option<&str>) -> AgentProcess {
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--state-dir".into()];
+        args.push(state_dir.into());
+        Self::spawn_with(&args, state_dir, hub_addr)
+    }
+
+    fn spawn_with(args: &[std::ffi::OsString], state_dir: &Path, hub_addr: Option<&str>) -> AgentProcess {
+        let mut command = tokio::process::Command::new(agent_binary());
+        if let Some(addr) = hub_addr {
+            command.env("GANTRY_HUB_ADDR", addr);
+        }
+        let child = command
+            .args(args)
+            .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn agent process");
+        AgentProcess { child, state_dir: state_dir.to_path_buf() }
+    }
+
+    /// SIGKILL: no goodbye, no drain.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("kill agent");
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Run an agent CLI command to completion; exit code, stdout, stderr.
+pub async fn agent_cli(args: &[&str]) -> (i32, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(agent_binary()).args(args).env("GANTRY_LOG", "error").stdin(std::process::Stdio::null()).output(),
+    )
+    .await
+    .expect("agent command timed out")
+    .expect("run agent command");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Enroll in-process; the agent id.
+pub async fn enroll(token: &str, state_dir: &Path) -> anyhow::Result<String> {
+    let state = gantry_agent::state::StateDir::new(state_dir);
+    let done = gantry_agent::enroll::enroll(token, &state, false, Duration::from_secs(20)).await.context("enroll")?;
+    Ok(done.identity.agent_id)
+}
+
+/// An agent running in-process with a stop handle.
+#[derive(Debug)]
+pub struct InProcessAgent {
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), gantry_agent::connection::RunError>>,
+}
+
+impl InProcessAgent {
+    pub fn start(state_dir: &Path) -> InProcessAgent {
+        let config = gantry_agent::config::Config { state_dir: state_dir.to_path_buf(), ..gantry_agent::config::Config::default() };
+        Self::start_with(config)
+    }
+
+    pub fn start_with(config: gantry_agent::config::Config) -> InProcessAgent {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gantry_agent::connection::run(config, async move {
+            let _ = stop_rx.await;
+        }));
+        InProcessAgent { stop: Some(stop_tx), task }
+    }
+
+    pub async fn stop(mut self) -> Result<(), gantry_agent::connection::RunError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("agent task panicked")
+    }
+}
+
+/// A UDP relay between agents and a hub that can cut the path both ways (a partition)
+/// and restore it, for network-loss tests on loopback.
+#[derive(Debug)]
+pub struct Partition {
+    pub addr: SocketAddr,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Partition {
+    /// Relay datagrams from a fresh loopback port to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Partition {
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering;
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
+        let addr = front.local_addr().expect("relay addr");
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = blocked.clone();
+        let task = tokio::spawn(async move {
+            // One upstream socket per client address, so the hub sees distinct peers.
+            let mut backs: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, client)) = front.recv_from(&mut buf).await else { return };
+                if flag.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let back = match backs.get(&client) {
+                    Some(back) => back.clone(),
+                    None => {
+                        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind relay back"));
+                        back.connect(upstream).await.expect("connect upstream");
+                        let (front, back2, flag) = (front.clone(), back.clone(), flag.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = back2.recv(&mut buf).await {
+                                if !flag.load(Ordering::SeqCst) {
+                                    let _ = front.send_to(&buf[..n], client).await;
+                                }
+                            }
+                        });
+                        backs.insert(client, back.clone());
+                        back
+                    }
+                };
+                let _ = back.send(&buf[..n]).await;
+            }
+        });
+        Partition { addr, blocked, task }
+    }
+
+    /// Drop every datagram in both directions.
+    pub fn cut(&self) {
+        self.blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Let datagrams through again.
+    pub fn heal(&self) {
+        self.blocked.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A hub running as its own process (`gantry-hub serve`), so a test can SIGKILL it.
+#[derive(Debug)]
+pub struct HubProcess {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+}
+
+impl HubProcess {
+    /// Initialise `data` for `quic` (if new) and serve it on `http` and `quic`.
+    pub async fn start(data: &Path, http: SocketAddr, quic: SocketAddr) -> HubProcess {
+        gantry_hub::init(data, &quic.to_string(), ADMIN_EMAIL, Some(ADMIN_PASSWORD)).expect("init hub");
+        let child = tokio::process::Command::new(hub_binary())
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--http", &http.to_string(), "--quic", &quic.to_string()])
+            .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn hub process");
+        let process = HubProcess { child, http, quic };
+        let api = process.api(data);
+        wait_for(Duration::from_secs(20), "hub process ready", || async { (api.get_status("/readyz").await == 200).then_some(()) }).await;
+        process
+    }
+
+    /// API client with the operator key from `data`.
+    pub fn api(&self, data: &Path) -> Api {
+        let key = std::fs::read_to_string(data.join("operator.key")).expect("operator key").trim().to_string();
+        Api { base: format!("http://{}", self.http), bearer: Some(key), cookie: None }
+    }
+
+    /// SIGKILL: no drain, no flush.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("kill hub");
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM: the hub drains its agents and exits 0.
+    pub async fn terminate(&mut self) {
+        let pid = self.child.id().expect("hub pid").to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        assert!(sent.success(), "could not signal the hub");
+        let status =
+            tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("hub did not stop within 20 s of SIGTERM").expect("hub status");
+        assert!(status.success(), "hub exited with {status} after SIGTERM");
+    }
+}
+
+/// Two free loopback addresses (TCP for HTTP, UDP for QUIC) for a hub process.
+pub fn free_addrs() -> (SocketAddr, SocketAddr) {
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("probe tcp").local_addr().expect("addr");
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe udp").local_addr().expect("addr");
+    (http, quic)
+}
+
+/// Write an agent config file for `state_dir` that tails `files`, with extra TOML appended.
+pub fn agent_config_file(dir: &Path, state_dir: &Path, files: &[&Path], extra: &str) -> PathBuf {
+    let paths: Vec<String> = files.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+    // Root keys first (dotted `files.*` keys included), so `extra` may add root keys
+    // such as `files.rotate_wait_ms = 100` before opening tables like `[host]`.
+    let text = format!("state_dir = {:?}\nfiles_poll_ms = 20\nfiles.paths = [{}]\n{extra}\n", state_dir.display().to_string(), paths.join(", "));
+    let path = dir.join(format!("agent-{:08x}.toml", rand::random::<u32>()));
+    std::fs::write(&path, text).expect("write agent config");
+    path
+}
+
+impl AgentProcess {
+    /// Start `gantry-agent run --config FILE`.
+    pub fn start_with_config(config: &Path, state_dir: &Path) -> AgentProcess {
+        Self::spawn_with(&["run".into(), "--config".into(), config.into()], state_dir, None)
+    }
+}
+
+impl Api {
+    /// Every record of a paginated log or event endpoint (`path` without query string,
+    /// `query` extra parameters).
+    pub async fn all_records(&self, path: &str, query: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{path}?limit=1000{query}");
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let (status, body) = self.get(&url).await;
+            assert_eq!(status, 200, "{url}: {body}");
+            out.extend(body["records"].as_array().cloned().unwrap_or_default());
+            match body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return out,
+            }
+        }
+    }
+}
+
+/// Appends numbered lines (`line-00000042`) to a file at a steady rate until stopped.
+#[derive(Debug)]
+pub struct LineWriter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl LineWriter {
+    /// Start writing one line every `every`.
+    pub fn start(path: &Path, every: Duration) -> LineWriter {
+        use std::io::Write;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = path.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open log");
+            let mut n = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                writeln!(file, "line-{n:08}").expect("write line");
+                n += 1;
+                std::thread::sleep(every);
+            }
+            n
+        });
+        LineWriter { stop, thread: Some(thread) }
+    }
+
+    /// Stop; how many lines were written.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().expect("writer thread").join().expect("writer panicked")
+    }
+}
+
+/// Check that the file lines among `records` (log records from the API) are `line-0..n`
+/// exactly once each, in order of their sequence numbers.
+pub fn assert_lines_exactly_once(records: &[Value], n: u64) {
+    let mut lines: Vec<(u64, u64)> = records
+        .iter()
+        .filter(|r| r["kind"] == "log" && r["stream"] == "file")
+        .map(|r| {
+            let number = r["line"]
+                .as_str()
+                .and_then(|l| l.strip_prefix("line-"))
+                .and_then(|d| d.get(..8))
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_else(|| panic!("not a numbered line: {r}"));
+            (r["seq"].as_u64().expect("seq"), number)
+        })
+        .collect();
+    lines.sort();
+    let numbers: Vec<u64> = lines.iter().map(|(_, n)| *n).collect();
+    let mut seen = std::collections::HashSet::new();
+    let duplicates: Vec<u64> = numbers.iter().copied().filter(|n| !seen.insert(*n)).collect();
+    assert!(duplicates.is_empty(), "{} duplicated lines, first {:?}", duplicates.len(), &duplicates[..duplicates.len().min(5)]);
+    let missing: Vec<u64> = (0..n).filter(|i| !seen.contains(i)).collect();
+    assert!(missing.is_empty(), "{} missing lines of {n}, first {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "lines out of order");
+    assert_eq!(numbers.len() as u64, n);
+}
