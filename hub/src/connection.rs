@@ -55,7 +55,27 @@ pub async fn accept_loop(hub: Arc<Hub>, endpoint: quinn::Endpoint, mut shutdown:
         }
         let hub = hub.clone();
         hub.handshakes_in_flight.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move { handle_incoming(hub, incoming).await });
+        let guard = QuicTask::enter(&hub);
+        tokio::spawn(async move {
+            handle_incoming(hub, incoming).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Counts a task that holds QUIC handles (and so keeps the endpoint's socket open).
+struct QuicTask(Arc<Hub>);
+
+impl QuicTask {
+    fn enter(hub: &Arc<Hub>) -> QuicTask {
+        hub.quic_tasks.fetch_add(1, Ordering::Relaxed);
+        QuicTask(hub.clone())
+    }
+}
+
+impl Drop for QuicTask {
+    fn drop(&mut self) {
+        self.0.quic_tasks.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -297,7 +317,14 @@ async fn session(hub: Arc<Hub>, connection: quinn::Connection, identity: crate::
             stream = connection.accept_bi(), if registered => match stream {
                 Ok((stream_send, stream_recv)) => {
                     let task = crate::ingest::serve_stream(hub.clone(), connection.clone(), agent_id.clone(), stream_send, stream_recv);
-                    tokio::spawn(task.instrument(tracing::Span::current()));
+                    let guard = QuicTask::enter(&hub);
+                    tokio::spawn(
+                        async move {
+                            task.await;
+                            drop(guard);
+                        }
+                        .instrument(tracing::Span::current()),
+                    );
                 }
                 Err(_) => break Ok(()),
             },

@@ -55,6 +55,9 @@ pub struct Hub {
     /// QUIC handshakes accepted and not yet finished (address validation kicks in above
     /// `quic.retry_above_incoming`).
     pub handshakes_in_flight: std::sync::atomic::AtomicUsize,
+    /// Tasks holding a QUIC connection or stream; shutdown waits for them so the UDP socket
+    /// is released when `run` returns.
+    pub quic_tasks: std::sync::atomic::AtomicUsize,
     /// Telemetry batches just stored, for live tails (`.../logs/stream`).
     pub live: tokio::sync::broadcast::Sender<Arc<ingest::LiveBatch>>,
     origin: Instant,
@@ -91,6 +94,7 @@ impl Hub {
             rollouts: Default::default(),
             deploy_changes: tokio::sync::Notify::new(),
             handshakes_in_flight: Default::default(),
+            quic_tasks: Default::default(),
             origin: Instant::now(),
             accepting: AtomicBool::new(false),
         }
@@ -272,6 +276,10 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
     endpoint.close(gantry_shared::message::ErrorCode::Draining.as_u32().into(), b"hub is shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     let _ = accept.await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hub.quic_tasks.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = pruner.await;
     match tokio::time::timeout(Duration::from_secs(5), http_task).await {
         Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server ended with an error"),

@@ -92,8 +92,17 @@ impl TestHub {
 
     /// Serve on the given addresses (to restart a hub where agents expect it).
     pub async fn start_at(data: &Path, http: SocketAddr, quic: SocketAddr, tweak: impl FnOnce(&mut Config)) -> TestHub {
-        let http = std::net::TcpListener::bind(http).expect("rebind http");
-        let quic = std::net::UdpSocket::bind(quic).expect("rebind quic");
+        // Sockets of the previous hub close as its last tasks end; give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (http, quic) = loop {
+            match (std::net::TcpListener::bind(http), std::net::UdpSocket::bind(quic)) {
+                (Ok(http), Ok(quic)) => break (http, quic),
+                (http_result, quic_result) => {
+                    assert!(Instant::now() < deadline, "rebinding {http} / {quic}: {:?} / {:?}", http_result.err(), quic_result.err());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
         Self::start_on(data, http, quic, tweak).await
     }
 
