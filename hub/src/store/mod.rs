@@ -167,13 +167,29 @@ pub struct Agent {
 /// commit). sled 0.34 can deadlock when flushes run concurrently with writes (seen under
 /// load: every flush waiting on log stability, writers on sled's global lock; see
 /// spacejam/sled#1308), so no two flushes ever run at once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Flusher {
     lock: std::sync::Mutex<()>,
     /// Flushes asked for, numbered from 1.
     requested: std::sync::atomic::AtomicU64,
     /// Every request numbered up to this is durable.
     completed: std::sync::atomic::AtomicU64,
+    /// Whether an async caller is flushing for everyone waiting (see `durable_async`).
+    async_running: std::sync::atomic::AtomicBool,
+    /// Bumped after each async flush attempt, so waiters look again.
+    attempts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Flusher {
+    fn default() -> Flusher {
+        Flusher {
+            lock: Default::default(),
+            requested: Default::default(),
+            completed: Default::default(),
+            async_running: Default::default(),
+            attempts: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 /// The hub's store, cheap to clone.
@@ -181,6 +197,9 @@ struct Flusher {
 pub struct Store {
     db: sled::Db,
     flusher: std::sync::Arc<Flusher>,
+    /// Metric-name index keys known to be written (see telemetry.rs), so ingest writes each
+    /// once.
+    metric_names_written: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Vec<u8>>>>,
     meta: sled::Tree,
     orgs: sled::Tree,
     users: sled::Tree,
@@ -286,6 +305,7 @@ impl Store {
             telemetry: [db.open_tree("t_metrics")?, db.open_tree("t_logs")?, db.open_tree("t_events")?, db.open_tree("t_health")?],
             db,
             flusher: Default::default(),
+            metric_names_written: Default::default(),
         })
     }
 
@@ -305,10 +325,28 @@ impl Store {
         Ok(())
     }
 
-    /// [`Store::durable`] off the async workers.
+    /// [`Store::durable`] for async callers: one of them at a time flushes on a blocking
+    /// thread for everyone; the others wait without holding a thread.
     async fn durable_async(&self) -> Result<(), Error> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.durable()).await.map_err(|e| Error::Corrupt(format!("flush task failed: {e}")))?
+        use std::sync::atomic::Ordering;
+        let flusher = &self.flusher;
+        let ticket = flusher.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut attempts = flusher.attempts.subscribe();
+        loop {
+            if flusher.completed.load(Ordering::Acquire) >= ticket {
+                return Ok(());
+            }
+            if !flusher.async_running.swap(true, Ordering::AcqRel) {
+                let store = self.clone();
+                let flushed = tokio::task::spawn_blocking(move || store.durable()).await;
+                flusher.async_running.store(false, Ordering::Release);
+                flusher.attempts.send_modify(|n| *n += 1);
+                flushed.map_err(|e| Error::Corrupt(format!("flush task failed: {e}")))??;
+                continue;
+            }
+            // A flush is running; it may or may not cover this ticket: look again after it.
+            let _ = attempts.changed().await;
+        }
     }
 
     fn check_schema(&self) -> Result<(), Error> {

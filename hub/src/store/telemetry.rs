@@ -1,19 +1,44 @@
 //! Telemetry storage: records of every agent stream, the streams' high-water marks, range
 //! queries and retention pruning.
 //!
-//! One tree per class. Record keys are `agent \0 ts seq` (big-endian, timestamps shifted so
-//! negative ones sort first), metric samples `agent \0 name \0 ts seq index`, so every
-//! query and every prune is a range scan. Each tree also holds its streams' high-water
-//! marks under `\0hwm\0 agent`, which sorts before every agent key: a batch of records and
-//! its new mark go into the tree in one atomic `apply_batch`, and the store is flushed
-//! before the caller acknowledges. Records at or below the mark are dropped as duplicates.
+//! Records are stored in chunks, one sled key per chunk, never one per line or sample. One
+//! tree per class; a chunk's key is `agent \0 ts seq`: the timestamp (big-endian, shifted so
+//! negative ones sort first) and sequence number of its oldest record. A chunk holds
+//! records of one agent stream sorted by `(ts, seq)`, spanning at most [`CHUNK_SPAN_MS`], so
+//! a query for `[from, to)` reads the chunks whose keys fall in `[from - span, to)` and
+//! merges them; chunks of different batches may overlap in time.
+//!
+//! Each tree also holds its streams' high-water marks under `\0hwm\0 agent`, which sorts
+//! before every agent key: a batch's chunks and its new mark go into the tree in one atomic
+//! `apply_batch`, and the store is flushed before the caller acknowledges. Records at or
+//! below the mark are dropped as duplicates. The metrics tree also lists each agent's
+//! metric names under `\0name\0 agent \0 name`.
+//!
+//! Chunk values start with a header, `[format u8][count u32 BE][newest ts i64 BE]`. Logs,
+//! events and health hold the bincode of their records; metrics hold one block per metric
+//! name, `[name len u16][name][block len u32][bincode of (ts, labels, value) points]`, so a
+//! query decodes only the name it asks for.
 
 use super::{Error, Store};
 use gantry_shared::message::StreamClass;
 use gantry_shared::telemetry::{Record, RecordBody};
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 const HWM_PREFIX: &[u8] = b"\0hwm\0";
+const NAME_PREFIX: &[u8] = b"\0name\0";
+
+/// Longest stretch of time one chunk covers (newest minus oldest timestamp).
+pub const CHUNK_SPAN_MS: i64 = 60_000;
+/// Most records in one chunk.
+const CHUNK_MAX_RECORDS: usize = 2_000;
+/// Rough size at which a chunk is closed.
+const CHUNK_MAX_BYTES: usize = 256 * 1024;
+
+const FORMAT_RECORDS: u8 = 1;
+const FORMAT_METRICS: u8 = 2;
+const HEADER_LEN: usize = 13;
+/// Decoding stored chunks never allocates beyond this.
+const DECODE_LIMIT: usize = 64 << 20;
 
 /// Timestamps as order-preserving unsigned keys.
 fn ts_key(ts_ms: i64) -> [u8; 8] {
@@ -32,17 +57,17 @@ fn agent_prefix(agent: &str) -> Vec<u8> {
     key
 }
 
-fn record_key(agent: &str, ts_ms: i64, seq: u64) -> Vec<u8> {
+fn chunk_key(agent: &str, ts_ms: i64, seq: u64) -> Vec<u8> {
     let mut key = agent_prefix(agent);
     key.extend_from_slice(&ts_key(ts_ms));
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
 
-fn metric_prefix(agent: &str, name: &str) -> Vec<u8> {
+/// The first key of `agent`'s chunks whose oldest record is at `ts_ms` or later.
+fn chunk_bound(agent: &str, ts_ms: i64) -> Vec<u8> {
     let mut key = agent_prefix(agent);
-    key.extend_from_slice(name.as_bytes());
-    key.push(0);
+    key.extend_from_slice(&ts_key(ts_ms));
     key
 }
 
@@ -52,16 +77,24 @@ fn hwm_key(agent: &str) -> Vec<u8> {
     key
 }
 
-fn bincode_config() -> bincode::config::Configuration {
-    bincode::config::standard()
+fn name_key(agent: &str, name: &str) -> Vec<u8> {
+    let mut key = NAME_PREFIX.to_vec();
+    key.extend_from_slice(agent.as_bytes());
+    key.push(0);
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
-/// A stored metric sample.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSample {
-    labels: Vec<(String, String)>,
-    value: f64,
+fn bincode_config() -> bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<DECODE_LIMIT>> {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
+
+fn corrupt(what: &str, error: impl std::fmt::Display) -> Error {
+    Error::Corrupt(format!("{what}: {error}"))
+}
+
+/// One stored metric point.
+type Point = (i64, Vec<(String, String)>, f64);
 
 /// Name under which a gap in the metrics stream is stored, so metric queries can show it.
 pub const METRICS_GAP_NAME: &str = "gantry.spool.gap";
@@ -147,11 +180,131 @@ type Labels = Vec<(String, String)>;
 type Buckets = std::collections::BTreeMap<i64, (f64, u32)>;
 
 /// One metric series: a label set and its points, averaged per step.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct MetricSeries {
     pub labels: Vec<(String, String)>,
     /// `(bucket start, average)` in time order.
     pub points: Vec<(i64, f64)>,
+}
+
+/// Rough stored size of a record, to close chunks near [`CHUNK_MAX_BYTES`].
+fn approx_size(record: &Record) -> usize {
+    16 + match &record.body {
+        RecordBody::Log(line) => line.line.len() + line.source.len() + line.container.as_ref().map_or(0, String::len),
+        RecordBody::Event(event) => event.kind.len() + event.message.len() + event.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+        RecordBody::Metrics(samples) => samples.iter().map(|s| 12 + s.name.len() + s.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum(),
+        RecordBody::Gap { .. } => 32,
+    }
+}
+
+/// Split records sorted by `(ts, seq)` into chunks within the span, count and size limits.
+fn chunk_groups<'a>(sorted: &'a [&'a Record]) -> Vec<&'a [&'a Record]> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, record) in sorted.iter().enumerate() {
+        let size = approx_size(record);
+        if i > start && (record.ts_unix_ms - sorted[start].ts_unix_ms > CHUNK_SPAN_MS || i - start >= CHUNK_MAX_RECORDS || bytes + size > CHUNK_MAX_BYTES) {
+            groups.push(&sorted[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < sorted.len() {
+        groups.push(&sorted[start..]);
+    }
+    groups
+}
+
+fn header(format: u8, count: usize, newest_ts: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 256);
+    out.push(format);
+    out.extend_from_slice(&(count as u32).to_be_bytes());
+    out.extend_from_slice(&newest_ts.to_be_bytes());
+    out
+}
+
+/// `(format, count, newest ts, body)` of a stored chunk.
+fn parse_header(value: &[u8]) -> Result<(u8, u32, i64, &[u8]), Error> {
+    if value.len() < HEADER_LEN || !matches!(value[0], FORMAT_RECORDS | FORMAT_METRICS) {
+        return Err(Error::Corrupt("telemetry chunk header".into()));
+    }
+    let count = u32::from_be_bytes([value[1], value[2], value[3], value[4]]);
+    let mut newest = [0u8; 8];
+    newest.copy_from_slice(&value[5..13]);
+    Ok((value[0], count, i64::from_be_bytes(newest), &value[HEADER_LEN..]))
+}
+
+fn encode_records(group: &[&Record]) -> Result<Vec<u8>, Error> {
+    let newest = group.iter().map(|r| r.ts_unix_ms).max().unwrap_or_default();
+    let mut out = header(FORMAT_RECORDS, group.len(), newest);
+    out.extend(bincode::serde::encode_to_vec(group, bincode_config()).map_err(|e| corrupt("encoding records", e))?);
+    Ok(out)
+}
+
+fn decode_records(value: &[u8]) -> Result<Vec<Record>, Error> {
+    let (format, _, _, body) = parse_header(value)?;
+    if format != FORMAT_RECORDS {
+        return Err(Error::Corrupt("a metrics chunk among records".into()));
+    }
+    Ok(bincode::serde::decode_from_slice(body, bincode_config()).map_err(|e| corrupt("telemetry records", e))?.0)
+}
+
+/// The points of each metric name in `group`, names in first-seen order.
+fn metric_blocks(group: &[&Record]) -> Vec<(String, Vec<Point>)> {
+    let mut blocks: Vec<(String, Vec<Point>)> = Vec::new();
+    let mut push = |name: &str, point: Point| match blocks.iter_mut().find(|(n, _)| n == name) {
+        Some((_, points)) => points.push(point),
+        None => blocks.push((name.to_string(), vec![point])),
+    };
+    for record in group {
+        match &record.body {
+            RecordBody::Metrics(samples) => {
+                for sample in samples {
+                    push(&sample.name, (record.ts_unix_ms, sample.labels.clone(), sample.value));
+                }
+            }
+            RecordBody::Gap { records, .. } => push(METRICS_GAP_NAME, (record.ts_unix_ms, Vec::new(), *records as f64)),
+            // Other bodies do not belong on the metrics stream; the hub stores what it can.
+            _ => {}
+        }
+    }
+    blocks
+}
+
+fn encode_metrics(group: &[&Record], blocks: &[(String, Vec<Point>)]) -> Result<Vec<u8>, Error> {
+    let newest = group.iter().map(|r| r.ts_unix_ms).max().unwrap_or_default();
+    let points: usize = blocks.iter().map(|(_, p)| p.len()).sum();
+    let mut out = header(FORMAT_METRICS, points, newest);
+    for (name, points) in blocks {
+        let encoded = bincode::serde::encode_to_vec(points, bincode_config()).map_err(|e| corrupt("encoding metric points", e))?;
+        let name_len = u16::try_from(name.len()).map_err(|_| Error::Corrupt("metric name too long".into()))?;
+        out.extend_from_slice(&name_len.to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        out.extend(encoded);
+    }
+    Ok(out)
+}
+
+/// The points of metric `name` in a stored metrics chunk (the other blocks are skipped).
+fn decode_metric(value: &[u8], name: &str) -> Result<Vec<Point>, Error> {
+    let (format, _, _, mut rest) = parse_header(value)?;
+    if format != FORMAT_METRICS {
+        return Err(Error::Corrupt("a records chunk among metrics".into()));
+    }
+    let short = || Error::Corrupt("truncated metrics chunk".into());
+    while !rest.is_empty() {
+        let name_len = usize::from(u16::from_be_bytes(rest.get(..2).ok_or_else(short)?.try_into().map_err(|_| short())?));
+        let block_name = rest.get(2..2 + name_len).ok_or_else(short)?;
+        let at = 2 + name_len;
+        let block_len = u32::from_be_bytes(rest.get(at..at + 4).ok_or_else(short)?.try_into().map_err(|_| short())?) as usize;
+        let block = rest.get(at + 4..at + 4 + block_len).ok_or_else(short)?;
+        if block_name == name.as_bytes() {
+            return Ok(bincode::serde::decode_from_slice(block, bincode_config()).map_err(|e| corrupt("metric points", e))?.0);
+        }
+        rest = &rest[at + 4 + block_len..];
+    }
+    Ok(Vec::new())
 }
 
 impl Store {
@@ -173,7 +326,7 @@ impl Store {
         let tree = self.class_tree(class);
         let mark = self.high_water(agent, class)?;
         let mut outcome = IngestOutcome { high_water: mark, previous_high_water: mark, ..IngestOutcome::default() };
-        let mut batch = sled::Batch::default();
+        let mut fresh: Vec<&Record> = Vec::with_capacity(records.len());
         for record in records {
             if record.seq <= outcome.high_water {
                 outcome.duplicates += 1;
@@ -185,80 +338,106 @@ impl Store {
             if let RecordBody::Gap { records, .. } = &record.body {
                 outcome.gap_records += records;
             }
-            match (&record.body, class) {
-                (RecordBody::Metrics(samples), StreamClass::Metrics) => {
-                    for (index, sample) in samples.iter().enumerate() {
-                        let mut key = metric_prefix(agent, &sample.name);
-                        key.extend_from_slice(&ts_key(record.ts_unix_ms));
-                        key.extend_from_slice(&record.seq.to_be_bytes());
-                        key.extend_from_slice(&(index as u32).to_be_bytes());
-                        let value = bincode::serde::encode_to_vec(StoredSample { labels: sample.labels.clone(), value: sample.value }, bincode_config())
-                            .map_err(|e| Error::Corrupt(format!("encoding a sample: {e}")))?;
-                        outcome.bytes += key.len() + value.len();
-                        batch.insert(key, value);
+            fresh.push(record);
+        }
+        if fresh.is_empty() {
+            return Ok(outcome);
+        }
+        fresh.sort_by_key(|r| (r.ts_unix_ms, r.seq));
+        let mut batch = sled::Batch::default();
+        let mut new_names = Vec::new();
+        for group in chunk_groups(&fresh) {
+            let key = chunk_key(agent, group[0].ts_unix_ms, group[0].seq);
+            let value = if class == StreamClass::Metrics {
+                let blocks = metric_blocks(group);
+                let known = self.metric_names_written.lock().unwrap_or_else(|p| p.into_inner());
+                for (name, _) in &blocks {
+                    let name_key = name_key(agent, name);
+                    if !known.contains(&name_key) && !new_names.contains(&name_key) {
+                        new_names.push(name_key);
                     }
                 }
-                (RecordBody::Gap { records, .. }, StreamClass::Metrics) => {
-                    let mut key = metric_prefix(agent, METRICS_GAP_NAME);
-                    key.extend_from_slice(&ts_key(record.ts_unix_ms));
-                    key.extend_from_slice(&record.seq.to_be_bytes());
-                    key.extend_from_slice(&0u32.to_be_bytes());
-                    let value = bincode::serde::encode_to_vec(StoredSample { labels: Vec::new(), value: *records as f64 }, bincode_config())
-                        .map_err(|e| Error::Corrupt(format!("encoding a gap: {e}")))?;
-                    batch.insert(key, value);
-                }
-                _ => {
-                    let key = record_key(agent, record.ts_unix_ms, record.seq);
-                    let value = bincode::serde::encode_to_vec(record, bincode_config()).map_err(|e| Error::Corrupt(format!("encoding a record: {e}")))?;
-                    outcome.bytes += key.len() + value.len();
-                    batch.insert(key, value);
-                }
-            }
+                drop(known);
+                encode_metrics(group, &blocks)?
+            } else {
+                encode_records(group)?
+            };
+            outcome.bytes += key.len() + value.len();
+            batch.insert(key, value);
         }
-        if outcome.accepted > 0 {
-            batch.insert(hwm_key(agent), &outcome.high_water.to_be_bytes());
-            tree.apply_batch(batch)?;
-            self.durable_async().await?;
+        for name in &new_names {
+            batch.insert(name.as_slice(), Vec::<u8>::new());
         }
+        batch.insert(hwm_key(agent), &outcome.high_water.to_be_bytes());
+        tree.apply_batch(batch)?;
+        if !new_names.is_empty() {
+            self.metric_names_written.lock().unwrap_or_else(|p| p.into_inner()).extend(new_names);
+        }
+        self.durable_async().await?;
         Ok(outcome)
     }
 
     /// Records of one agent stream (logs, events or health) matching `filter`, after
-    /// `cursor` (exclusive, in the query's direction), at most `limit`.
+    /// `cursor` (exclusive, in the query's direction), at most `limit`, in `(ts, seq)`
+    /// order (or its reverse with `newest_first`).
     pub fn records(&self, agent: &str, class: StreamClass, filter: &RecordFilter, cursor: Option<RecordCursor>, limit: usize) -> Result<Vec<Record>, Error> {
         let tree = self.class_tree(class);
-        let prefix = agent_prefix(agent);
-        let mut lower = prefix.clone();
-        lower.extend_from_slice(&ts_key(filter.from_ms.unwrap_or(i64::MIN)));
-        let mut upper = prefix.clone();
-        // `to` is exclusive; with no `to`, everything of the agent.
-        match filter.to_ms {
-            Some(to) => upper.extend_from_slice(&ts_key(to)),
-            None => upper.extend_from_slice(&[0xff; 17]),
-        }
-        match (cursor, filter.newest_first) {
-            (Some(c), false) => {
-                lower = record_key(agent, c.ts_ms, c.seq);
-                lower.push(0); // exclusive
-            }
-            (Some(c), true) => upper = record_key(agent, c.ts_ms, c.seq),
-            (None, _) => {}
-        }
-        if lower >= upper {
+        let from = filter.from_ms.unwrap_or(i64::MIN);
+        let to = filter.to_ms.unwrap_or(i64::MAX);
+        let after = (!filter.newest_first).then_some(cursor).flatten().map(|c| (c.ts_ms, c.seq));
+        let before = filter.newest_first.then_some(cursor).flatten().map(|c| (c.ts_ms, c.seq));
+        // Chunks whose oldest record could still fall in the window.
+        let low = from.max(after.map_or(i64::MIN, |(ts, _)| ts)).saturating_sub(CHUNK_SPAN_MS);
+        let high = match before {
+            Some((ts, _)) => to.min(ts.saturating_add(1)),
+            None => to,
+        };
+        let lower = chunk_bound(agent, low);
+        let upper = if high == i64::MAX { agent_prefix_end(agent) } else { chunk_bound(agent, high) };
+        if limit == 0 || lower >= upper {
             return Ok(Vec::new());
         }
-        let range = tree.range(lower..upper);
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if filter.newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        let wanted = |record: &Record| {
+            let at = (record.ts_unix_ms, record.seq);
+            record.ts_unix_ms >= from && record.ts_unix_ms < to && after.is_none_or(|a| at > a) && before.is_none_or(|b| at < b) && filter.matches(record)
+        };
+        // Merge overlapping chunks: a record is final once no chunk still to be read can hold
+        // one that sorts before it.
+        let mut pending: BTreeMap<(i64, u64), Record> = BTreeMap::new();
         let mut out = Vec::new();
-        for item in iter {
-            let (_, value) = item?;
-            let (record, _): (Record, usize) =
-                bincode::serde::decode_from_slice(&value, bincode_config()).map_err(|e| Error::Corrupt(format!("telemetry record: {e}")))?;
-            if filter.matches(&record) {
-                out.push(record);
+        let range = tree.range(lower..upper);
+        if filter.newest_first {
+            for item in range.rev() {
+                let (key, value) = item?;
+                let oldest = ts_from_key(&key[agent.len() + 1..]);
+                // Chunks still to come start at `oldest` or earlier, so end by oldest + span.
+                while pending.last_key_value().is_some_and(|(k, _)| k.0 > oldest.saturating_add(CHUNK_SPAN_MS)) && out.len() < limit {
+                    out.extend(pending.pop_last().map(|(_, r)| r));
+                }
                 if out.len() >= limit {
                     break;
                 }
+                pending.extend(decode_records(&value)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+            }
+            while out.len() < limit {
+                let Some((_, record)) = pending.pop_last() else { break };
+                out.push(record);
+            }
+        } else {
+            for item in range {
+                let (key, value) = item?;
+                let oldest = ts_from_key(&key[agent.len() + 1..]);
+                while pending.first_key_value().is_some_and(|(k, _)| k.0 < oldest) && out.len() < limit {
+                    out.extend(pending.pop_first().map(|(_, r)| r));
+                }
+                if out.len() >= limit {
+                    break;
+                }
+                pending.extend(decode_records(&value)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+            }
+            while out.len() < limit {
+                let Some((_, record)) = pending.pop_first() else { break };
+                out.push(record);
             }
         }
         Ok(out)
@@ -268,28 +447,30 @@ impl Store {
     /// bucket and grouped by label set.
     pub fn metric_series(&self, agent: &str, name: &str, from_ms: i64, to_ms: i64, step_ms: i64) -> Result<Vec<MetricSeries>, Error> {
         let step = step_ms.max(1);
-        let prefix = metric_prefix(agent, name);
-        let mut lower = prefix.clone();
-        lower.extend_from_slice(&ts_key(from_ms));
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&ts_key(to_ms));
+        let lower = chunk_bound(agent, from_ms.saturating_sub(CHUNK_SPAN_MS));
+        let upper = chunk_bound(agent, to_ms);
+        if lower >= upper {
+            return Ok(Vec::new());
+        }
         let mut series: Vec<(Labels, Buckets)> = Vec::new();
         for item in self.class_tree(StreamClass::Metrics).range(lower..upper) {
-            let (key, value) = item?;
-            let ts = ts_from_key(&key[prefix.len()..]);
-            let (sample, _): (StoredSample, usize) =
-                bincode::serde::decode_from_slice(&value, bincode_config()).map_err(|e| Error::Corrupt(format!("metric sample: {e}")))?;
-            let bucket = from_ms + (ts - from_ms).div_euclid(step) * step;
-            let index = match series.iter().position(|(labels, _)| *labels == sample.labels) {
-                Some(index) => index,
-                None => {
-                    series.push((sample.labels.clone(), Default::default()));
-                    series.len() - 1
+            let (_, value) = item?;
+            for (ts, labels, value) in decode_metric(&value, name)? {
+                if ts < from_ms || ts >= to_ms {
+                    continue;
                 }
-            };
-            let slot = series[index].1.entry(bucket).or_insert((0.0, 0));
-            slot.0 += sample.value;
-            slot.1 += 1;
+                let bucket = from_ms + (ts - from_ms).div_euclid(step) * step;
+                let index = match series.iter().position(|(l, _)| *l == labels) {
+                    Some(index) => index,
+                    None => {
+                        series.push((labels, Default::default()));
+                        series.len() - 1
+                    }
+                };
+                let slot = series[index].1.entry(bucket).or_insert((0.0, 0));
+                slot.0 += value;
+                slot.1 += 1;
+            }
         }
         Ok(series
             .into_iter()
@@ -297,63 +478,56 @@ impl Store {
             .collect())
     }
 
-    /// Metric names an agent has stored.
+    /// Metric names an agent has stored, sorted.
     pub fn metric_names(&self, agent: &str) -> Result<Vec<String>, Error> {
-        let prefix = agent_prefix(agent);
-        let tree = self.class_tree(StreamClass::Metrics);
-        let mut names = Vec::new();
-        let mut from = prefix.clone();
-        while let Some(item) = tree.range(from.clone()..).next() {
-            let (key, _) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let rest = &key[prefix.len()..];
-            let Some(end) = rest.iter().position(|b| *b == 0) else { break };
-            names.push(String::from_utf8_lossy(&rest[..end]).into_owned());
-            // Jump past every key of this name.
-            from = key[..prefix.len() + end].to_vec();
-            from.push(1);
-        }
-        Ok(names)
+        let prefix = name_key(agent, "");
+        self.class_tree(StreamClass::Metrics).scan_prefix(&prefix).keys().map(|key| Ok(String::from_utf8_lossy(&key?[prefix.len()..]).into_owned())).collect()
     }
 
-    /// Delete an agent's telemetry older than `before_ms` in every class; returns how many
-    /// entries were removed.
+    /// Delete an agent's telemetry chunks whose newest record is older than `before_ms`, in
+    /// every class; returns how many records (log lines, events, metric points) went.
     pub fn prune_agent(&self, agent: &str, before_ms: i64) -> Result<u64, Error> {
         let mut removed = 0;
-        for class in [StreamClass::Logs, StreamClass::Events, StreamClass::Health] {
-            let tree = self.class_tree(class);
-            let lower = agent_prefix(agent);
-            let mut upper = lower.clone();
-            upper.extend_from_slice(&ts_key(before_ms));
-            removed += remove_range(tree, lower, upper)?;
-        }
-        for name in self.metric_names(agent)? {
-            let lower = metric_prefix(agent, &name);
-            let mut upper = lower.clone();
-            upper.extend_from_slice(&ts_key(before_ms));
-            removed += remove_range(self.class_tree(StreamClass::Metrics), lower, upper)?;
+        for tree in &self.telemetry {
+            let lower = chunk_bound(agent, i64::MIN);
+            let upper = chunk_bound(agent, before_ms);
+            // Delete in bounded batches so pruning never holds a huge batch in memory.
+            let mut from = lower;
+            loop {
+                let mut batch = sled::Batch::default();
+                let mut taken = 0;
+                let mut next = None;
+                for item in tree.range(from.clone()..upper.clone()) {
+                    let (key, value) = item?;
+                    let (_, count, newest, _) = parse_header(&value)?;
+                    if newest < before_ms {
+                        batch.remove(key.clone());
+                        removed += u64::from(count);
+                    }
+                    taken += 1;
+                    if taken >= 256 {
+                        let mut after = key.to_vec();
+                        after.push(0);
+                        next = Some(after);
+                        break;
+                    }
+                }
+                tree.apply_batch(batch)?;
+                match next {
+                    Some(after) => from = after,
+                    None => break,
+                }
+            }
         }
         Ok(removed)
     }
 }
 
-fn remove_range(tree: &sled::Tree, lower: Vec<u8>, upper: Vec<u8>) -> Result<u64, Error> {
-    let mut removed = 0;
-    // Delete in bounded batches so pruning never holds a huge batch in memory.
-    loop {
-        let keys: Vec<sled::IVec> = tree.range(lower.clone()..upper.clone()).keys().take(1000).collect::<Result<_, _>>()?;
-        if keys.is_empty() {
-            return Ok(removed);
-        }
-        let mut batch = sled::Batch::default();
-        for key in &keys {
-            batch.remove(key.clone());
-        }
-        tree.apply_batch(batch)?;
-        removed += keys.len() as u64;
-    }
+/// Just past every chunk key of `agent`.
+fn agent_prefix_end(agent: &str) -> Vec<u8> {
+    let mut key = agent.as_bytes().to_vec();
+    key.push(1);
+    key
 }
 
 #[cfg(test)]
@@ -403,6 +577,58 @@ mod tests {
         for agent in [0u64, 31, 63] {
             assert_eq!(store.high_water(&format!("agt_{agent}"), StreamClass::Logs).unwrap(), 200);
             assert_eq!(store.records(&format!("agt_{agent}"), StreamClass::Logs, &RecordFilter::default(), None, 1000).unwrap().len(), 200);
+        }
+    }
+
+    /// Batches whose timestamps overlap, go backwards and span far more than one chunk:
+    /// every query and every page of it, in both directions, matches a plain sort.
+    #[tokio::test]
+    async fn chunked_queries_match_a_plain_sort() {
+        use rand::Rng;
+        let (store, _dir) = store();
+        let mut rng = rand::thread_rng();
+        let mut all = Vec::new();
+        let mut seq = 0;
+        for batch in 0..40 {
+            let base = rng.gen_range(0..2_000_000i64);
+            let mut records = Vec::new();
+            for _ in 0..rng.gen_range(1..300) {
+                seq += 1;
+                let spread = if batch % 7 == 0 { 3_000_000 } else { 90_000 };
+                let ts = base + rng.gen_range(0..spread);
+                let line = if rng.gen_bool(0.3) { format!("{seq} ERROR") } else { format!("{seq} ok") };
+                records.push(log(seq, ts, &line));
+            }
+            store.ingest("agt_1", StreamClass::Logs, &records).await.unwrap();
+            all.extend(records);
+        }
+        all.sort_by_key(|r| (r.ts_unix_ms, r.seq));
+        for filter in [
+            RecordFilter::default(),
+            RecordFilter { text: Some("error".into()), ..RecordFilter::default() },
+            RecordFilter { from_ms: Some(500_000), to_ms: Some(1_700_000), ..RecordFilter::default() },
+        ] {
+            let expected: Vec<u64> = all
+                .iter()
+                .filter(|r| filter.from_ms.is_none_or(|f| r.ts_unix_ms >= f) && filter.to_ms.is_none_or(|t| r.ts_unix_ms < t) && filter.matches(r))
+                .map(|r| r.seq)
+                .collect();
+            for newest_first in [false, true] {
+                let filter = RecordFilter { newest_first, ..filter.clone() };
+                let mut got = Vec::new();
+                let mut cursor = None;
+                loop {
+                    let page = store.records("agt_1", StreamClass::Logs, &filter, cursor, 97).unwrap();
+                    let Some(last) = page.last() else { break };
+                    cursor = Some(RecordCursor { ts_ms: last.ts_unix_ms, seq: last.seq });
+                    got.extend(page.iter().map(|r| r.seq));
+                }
+                let mut want = expected.clone();
+                if newest_first {
+                    want.reverse();
+                }
+                assert_eq!(got, want, "filter {filter:?}");
+            }
         }
     }
 
@@ -467,9 +693,16 @@ mod tests {
             body: RecordBody::Event(Event { kind: "agent.started".into(), severity: Severity::Info, message: "hi".into(), attributes: vec![] }),
         }];
         store.ingest("agt_1", StreamClass::Events, &events).await.unwrap();
-        let removed = store.prune_agent("agt_1", 1030).unwrap();
-        assert_eq!(removed, 3 + 3 + 1);
-        let left = store.metric_series("agt_1", "cpu.usage_percent", 0, 2000, 1000).unwrap();
-        assert_eq!(left[0].points, vec![(1000, 4.0)]);
+        let later =
+            [Record { seq: 7, ts_unix_ms: 200_000, body: RecordBody::Metrics(vec![Sample { name: "cpu.usage_percent".into(), labels: vec![], value: 9.0 }]) }];
+        store.ingest("agt_1", StreamClass::Metrics, &later).await.unwrap();
+        // Whole chunks go once their newest record is older than the cut: the six early
+        // records (two points each) and the event; the later point stays.
+        let removed = store.prune_agent("agt_1", 100_000).unwrap();
+        assert_eq!(removed, 12 + 1);
+        assert_eq!(store.prune_agent("agt_1", 100_000).unwrap(), 0);
+        let left = store.metric_series("agt_1", "cpu.usage_percent", 0, 300_000, 1000).unwrap();
+        assert_eq!(left[0].points, vec![(200_000, 9.0)]);
+        assert_eq!(store.metric_names("agt_1").unwrap(), ["cpu.usage_percent", "disk.used_percent"]);
     }
 }
