@@ -59,6 +59,10 @@ pub struct Config {
     pub default_retention_days: u32,
     /// Seconds between runs of the retention pruner.
     pub prune_interval_secs: u64,
+    /// Memory the store may use to cache pages, in MiB (at least 8). More keeps more of a
+    /// large store's recent telemetry in memory for queries; the hub's resident memory
+    /// grows with it.
+    pub store_cache_mib: u64,
     /// File holding the key that encrypts org secrets and registry passwords in the store
     /// (32 bytes, mode 0600). Defaults to `DATA/pki/secrets.key`; created while the store
     /// holds no sealed value. Keep it out of store backups (or back it up apart): without
@@ -130,6 +134,7 @@ impl Default for Config {
             max_http_body_bytes: 256 * 1024,
             default_retention_days: 7,
             prune_interval_secs: 300,
+            store_cache_mib: 128,
             secrets_key_file: None,
             quic: QuicLimits::default(),
         }
@@ -224,6 +229,9 @@ impl Config {
         }
         if self.default_retention_days == 0 || self.default_retention_days > crate::retention::MAX_RETENTION_DAYS {
             errors.push(format!("default_retention_days must be 1..={}", crate::retention::MAX_RETENTION_DAYS));
+        }
+        if self.store_cache_mib < 8 {
+            errors.push("store_cache_mib must be at least 8".to_string());
         }
         if self.prune_interval_secs == 0 {
             errors.push("prune_interval_secs must be at least 1".to_string());

@@ -67,7 +67,7 @@ pub struct Hub {
 impl Hub {
     /// Open the data directory named by `config`.
     pub fn open(config: Config) -> anyhow::Result<Arc<Hub>> {
-        let store = store::Store::open(&config.data_dir)?;
+        let store = store::Store::open_with_cache(&config.data_dir, config.store_cache_mib << 20)?;
         let mut pki = pki::Pki::load(&config.data_dir)?;
         let public_addr = match &config.public_addr {
             Some(addr) => addr.clone(),

@@ -180,6 +180,23 @@ struct Flusher {
     attempts: tokio::sync::watch::Sender<u64>,
 }
 
+impl Flusher {
+    /// See [`Store::durable`].
+    fn durable(&self, db: &sled::Db) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let ticket = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.completed.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        // Every request numbered up to `target` wrote before asking: this flush covers it.
+        let target = self.requested.load(Ordering::Acquire);
+        db.flush()?;
+        self.completed.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
 impl Default for Flusher {
     fn default() -> Flusher {
         Flusher {
@@ -200,6 +217,8 @@ pub struct Store {
     /// Metric-name index keys known to be written (see telemetry.rs), so ingest writes each
     /// once.
     metric_names_written: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Vec<u8>>>>,
+    /// The telemetry writer thread (see telemetry.rs).
+    telemetry_writer: std::sync::mpsc::Sender<telemetry::WriteJob>,
     meta: sled::Tree,
     orgs: sled::Tree,
     users: sled::Tree,
@@ -238,6 +257,9 @@ fn org_agent_key(org: &str, agent: &str) -> Vec<u8> {
     key
 }
 
+/// Page cache of a store opened without a configured size (CLI commands, tests).
+const DEFAULT_CACHE_BYTES: u64 = 128 << 20;
+
 /// How long opening waits for a lock left by this process's own earlier handle.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -249,7 +271,7 @@ impl Store {
 
     /// Create or open the store under `dir/store`, writing the schema version if new.
     pub fn create(dir: &Path) -> Result<Store, Error> {
-        let store = Store::open_raw(dir)?;
+        let store = Store::open_raw(dir, DEFAULT_CACHE_BYTES)?;
         if store.meta.get("schema_version")?.is_none() {
             store.meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
             store.durable()?;
@@ -260,22 +282,27 @@ impl Store {
 
     /// Open an existing store; refuses a missing or newer one.
     pub fn open(dir: &Path) -> Result<Store, Error> {
+        Store::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, Error> {
         if !Store::exists(dir) {
             return Err(Error::NotInitialised(dir.display().to_string()));
         }
-        let store = Store::open_raw(dir)?;
+        let store = Store::open_raw(dir, cache_bytes)?;
         store.check_schema()?;
         Ok(store)
     }
 
-    fn open_raw(dir: &Path) -> Result<Store, Error> {
+    fn open_raw(dir: &Path, cache_bytes: u64) -> Result<Store, Error> {
         let path = dir.join("store");
         let started = std::time::Instant::now();
         // sled releases its file lock only when its last background thread lets go of the
         // database, which can trail a drop by a moment; wait that out, but refuse a lock that
         // another process keeps.
         let db = loop {
-            match sled::Config::new().path(&path).open() {
+            match sled::Config::new().path(&path).cache_capacity(cache_bytes).open() {
                 Ok(db) => break db,
                 Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                     if started.elapsed() >= LOCK_WAIT {
@@ -286,6 +313,10 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         };
+        let telemetry = [db.open_tree("t_metrics")?, db.open_tree("t_logs")?, db.open_tree("t_events")?, db.open_tree("t_health")?];
+        let flusher = std::sync::Arc::new(Flusher::default());
+        let metric_names_written = std::sync::Arc::default();
+        let telemetry_writer = telemetry::Writer { db: db.clone(), trees: telemetry.clone(), flusher: flusher.clone() }.spawn()?;
         Ok(Store {
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
@@ -302,27 +333,18 @@ impl Store {
             rollouts: db.open_tree("rollouts")?,
             secrets: db.open_tree("secrets")?,
             registries: db.open_tree("registries")?,
-            telemetry: [db.open_tree("t_metrics")?, db.open_tree("t_logs")?, db.open_tree("t_events")?, db.open_tree("t_health")?],
+            telemetry,
             db,
-            flusher: Default::default(),
-            metric_names_written: Default::default(),
+            flusher,
+            metric_names_written,
+            telemetry_writer,
         })
     }
 
     /// Make every write made before this call durable. One flush runs at a time; a caller
     /// whose writes a flush that started after them already covered returns at once.
     fn durable(&self) -> Result<(), Error> {
-        use std::sync::atomic::Ordering;
-        let ticket = self.flusher.requested.fetch_add(1, Ordering::AcqRel) + 1;
-        let _one = self.flusher.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.flusher.completed.load(Ordering::Acquire) >= ticket {
-            return Ok(());
-        }
-        // Every request numbered up to `target` wrote before asking: this flush covers it.
-        let target = self.flusher.requested.load(Ordering::Acquire);
-        self.db.flush()?;
-        self.flusher.completed.fetch_max(target, Ordering::AcqRel);
-        Ok(())
+        self.flusher.durable(&self.db)
     }
 
     /// [`Store::durable`] for async callers: one of them at a time flushes on a blocking

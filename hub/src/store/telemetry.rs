@@ -249,21 +249,28 @@ fn decode_records(value: &[u8]) -> Result<Vec<Record>, Error> {
     Ok(bincode::serde::decode_from_slice(body, bincode_config()).map_err(|e| corrupt("telemetry records", e))?.0)
 }
 
+/// A point to store, borrowed from its record; encodes exactly as a [`Point`].
+type PointRef<'a> = (i64, &'a [(String, String)], f64);
+
 /// The points of each metric name in `group`, names in first-seen order.
-fn metric_blocks(group: &[&Record]) -> Vec<(String, Vec<Point>)> {
-    let mut blocks: Vec<(String, Vec<Point>)> = Vec::new();
-    let mut push = |name: &str, point: Point| match blocks.iter_mut().find(|(n, _)| n == name) {
-        Some((_, points)) => points.push(point),
-        None => blocks.push((name.to_string(), vec![point])),
+fn metric_blocks<'a>(group: &[&'a Record]) -> Vec<(&'a str, Vec<PointRef<'a>>)> {
+    let mut blocks: Vec<(&str, Vec<PointRef>)> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut push = |name: &'a str, point: PointRef<'a>| match index.get(name) {
+        Some(&at) => blocks[at].1.push(point),
+        None => {
+            index.insert(name, blocks.len());
+            blocks.push((name, vec![point]));
+        }
     };
     for record in group {
         match &record.body {
             RecordBody::Metrics(samples) => {
                 for sample in samples {
-                    push(&sample.name, (record.ts_unix_ms, sample.labels.clone(), sample.value));
+                    push(&sample.name, (record.ts_unix_ms, &sample.labels, sample.value));
                 }
             }
-            RecordBody::Gap { records, .. } => push(METRICS_GAP_NAME, (record.ts_unix_ms, Vec::new(), *records as f64)),
+            RecordBody::Gap { records, .. } => push(METRICS_GAP_NAME, (record.ts_unix_ms, &[], *records as f64)),
             // Other bodies do not belong on the metrics stream; the hub stores what it can.
             _ => {}
         }
@@ -271,7 +278,7 @@ fn metric_blocks(group: &[&Record]) -> Vec<(String, Vec<Point>)> {
     blocks
 }
 
-fn encode_metrics(group: &[&Record], blocks: &[(String, Vec<Point>)]) -> Result<Vec<u8>, Error> {
+fn encode_metrics(group: &[&Record], blocks: &[(&str, Vec<PointRef>)]) -> Result<Vec<u8>, Error> {
     let newest = group.iter().map(|r| r.ts_unix_ms).max().unwrap_or_default();
     let points: usize = blocks.iter().map(|(_, p)| p.len()).sum();
     let mut out = header(FORMAT_METRICS, points, newest);
@@ -322,9 +329,35 @@ impl Store {
     /// Store a batch of one agent stream and its new high-water mark atomically, then
     /// flush to disk. Records at or below the mark (resends) are dropped. Returns once the
     /// batch is durable: only then may the caller acknowledge it.
+    ///
+    /// The chunks are built here, on the caller's task; one writer thread applies the
+    /// batches of every stream and makes each group durable with one flush (see
+    /// [`Writer`]), so no async worker ever waits on sled.
     pub async fn ingest(&self, agent: &str, class: StreamClass, records: &[Record]) -> Result<IngestOutcome, Error> {
-        let tree = self.class_tree(class);
-        let mark = self.high_water(agent, class)?;
+        loop {
+            let mark = self.high_water(agent, class)?;
+            let (outcome, job) = self.prepare(agent, class, records, mark)?;
+            let Some((job, reply)) = job else { return Ok(outcome) };
+            let new_names = job.new_names.clone();
+            self.telemetry_writer.send(job).map_err(|_| Error::Corrupt("the telemetry writer has stopped".into()))?;
+            match reply.await.map_err(|_| Error::Corrupt("the telemetry writer has stopped".into()))? {
+                Ok(true) => {
+                    if !new_names.is_empty() {
+                        self.metric_names_written.lock().unwrap_or_else(|p| p.into_inner()).extend(new_names);
+                    }
+                    return Ok(outcome);
+                }
+                // Another task stored part of this stream meanwhile (a reconnect racing
+                // its old connection): work out again what is new.
+                Ok(false) => continue,
+                Err(error) => return Err(Error::Corrupt(error)),
+            }
+        }
+    }
+
+    /// The outcome of storing `records` over `mark`, and the write that does it (none when
+    /// every record is a duplicate).
+    fn prepare(&self, agent: &str, class: StreamClass, records: &[Record], mark: u64) -> Result<(IngestOutcome, Option<(WriteJob, WriteReply)>), Error> {
         let mut outcome = IngestOutcome { high_water: mark, previous_high_water: mark, ..IngestOutcome::default() };
         let mut fresh: Vec<&Record> = Vec::with_capacity(records.len());
         for record in records {
@@ -341,7 +374,7 @@ impl Store {
             fresh.push(record);
         }
         if fresh.is_empty() {
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         fresh.sort_by_key(|r| (r.ts_unix_ms, r.seq));
         let mut batch = sled::Batch::default();
@@ -369,12 +402,9 @@ impl Store {
             batch.insert(name.as_slice(), Vec::<u8>::new());
         }
         batch.insert(hwm_key(agent), &outcome.high_water.to_be_bytes());
-        tree.apply_batch(batch)?;
-        if !new_names.is_empty() {
-            self.metric_names_written.lock().unwrap_or_else(|p| p.into_inner()).extend(new_names);
-        }
-        self.durable_async().await?;
-        Ok(outcome)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = WriteJob { tree: class.index(), hwm_key: hwm_key(agent), expected_mark: mark, batch, new_names, reply };
+        Ok((outcome, Some((job, answer))))
     }
 
     /// Records of one agent stream (logs, events or health) matching `filter`, after
@@ -520,6 +550,101 @@ impl Store {
             }
         }
         Ok(removed)
+    }
+}
+
+/// One stream's prepared write: applied only if the stream's mark is still `expected_mark`.
+#[derive(Debug)]
+pub(super) struct WriteJob {
+    tree: usize,
+    hwm_key: Vec<u8>,
+    expected_mark: u64,
+    batch: sled::Batch,
+    new_names: Vec<Vec<u8>>,
+    reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
+}
+
+/// `Ok(true)` stored and durable, `Ok(false)` the mark moved (prepare again), `Err` failed.
+type WriteReply = tokio::sync::oneshot::Receiver<Result<bool, String>>;
+
+/// Most jobs applied before one flush.
+const WRITER_GROUP: usize = 4096;
+/// Shortest time between the starts of two telemetry flushes; the added acknowledgement
+/// latency is at most this.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The thread that applies telemetry writes. It takes every job waiting, applies each
+/// (checking its stream's mark first), flushes once for all of them, then answers them all:
+/// group commit, so the flush rate, not the batch rate, bounds the disk's work, and writes
+/// of many streams share one fsync.
+pub(super) struct Writer {
+    pub db: sled::Db,
+    pub trees: [sled::Tree; 4],
+    pub flusher: std::sync::Arc<super::Flusher>,
+}
+
+impl Writer {
+    /// Start the thread; it ends when every sender (every clone of the store) is gone.
+    pub fn spawn(self) -> Result<std::sync::mpsc::Sender<WriteJob>, Error> {
+        let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("telemetry-writer".into())
+            .spawn(move || {
+                let mut last_flush = std::time::Instant::now();
+                while let Ok(first) = rx.recv() {
+                    // Gather what arrives until a flush is due: with flushes at most every
+                    // FLUSH_INTERVAL, a busy hub writes a few large log writes instead of
+                    // thousands of small ones (each costs sled a padded write and a sync).
+                    let mut jobs = vec![first];
+                    let due = last_flush + FLUSH_INTERVAL;
+                    while jobs.len() < WRITER_GROUP {
+                        let left = due.saturating_duration_since(std::time::Instant::now());
+                        let next = if left.is_zero() { rx.try_recv().ok() } else { rx.recv_timeout(left).ok() };
+                        match next {
+                            Some(job) => jobs.push(job),
+                            None => break,
+                        }
+                    }
+                    last_flush = std::time::Instant::now();
+                    self.commit(jobs);
+                }
+            })
+            .map_err(|e| Error::Corrupt(format!("starting the telemetry writer: {e}")))?;
+        Ok(tx)
+    }
+
+    fn commit(&self, jobs: Vec<WriteJob>) {
+        let mut answers = Vec::with_capacity(jobs.len());
+        let mut wrote = false;
+        for job in jobs {
+            let tree = &self.trees[job.tree];
+            let current = match tree.get(&job.hwm_key) {
+                Ok(raw) => raw.and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok()).map_or(0, u64::from_be_bytes),
+                Err(error) => {
+                    answers.push((job.reply, Err(error.to_string())));
+                    continue;
+                }
+            };
+            if current != job.expected_mark {
+                answers.push((job.reply, Ok(false)));
+                continue;
+            }
+            match tree.apply_batch(job.batch) {
+                Ok(()) => {
+                    wrote = true;
+                    answers.push((job.reply, Ok(true)));
+                }
+                Err(error) => answers.push((job.reply, Err(error.to_string()))),
+            }
+        }
+        let flushed = if wrote { self.flusher.durable(&self.db).map_err(|e| e.to_string()) } else { Ok(()) };
+        for (reply, answer) in answers {
+            let answer = match (&flushed, answer) {
+                (Err(error), Ok(true)) => Err(error.clone()),
+                (_, answer) => answer,
+            };
+            let _ = reply.send(answer);
+        }
     }
 }
 
