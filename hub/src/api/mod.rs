@@ -333,7 +333,11 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     let enrolled = hub.store.orgs().map(|orgs| orgs.iter().map(|o| o.agent_count as usize).sum()).unwrap_or(0);
-    let body = hub.metrics.render(hub.registry.len(), enrolled);
+    let mut body = hub.metrics.render(hub.registry.len(), enrolled);
+    let (segments, bytes) = hub.store.telemetry_disk_usage();
+    body.push_str(&format!(
+        "# HELP gantry_telemetry_segments Telemetry segment files on disk.\n# TYPE gantry_telemetry_segments gauge\ngantry_telemetry_segments {segments}\n# HELP gantry_telemetry_segment_bytes Bytes of telemetry segment files on disk.\n# TYPE gantry_telemetry_segment_bytes gauge\ngantry_telemetry_segment_bytes {bytes}\n"
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

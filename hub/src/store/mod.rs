@@ -16,6 +16,7 @@ use std::path::Path;
 
 mod deployments;
 mod secrets;
+mod segments;
 mod telemetry;
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
 pub use secrets::{StoredRegistry, StoredSecret};
@@ -217,6 +218,8 @@ pub struct Store {
     /// Metric-name index keys known to be written (see telemetry.rs), so ingest writes each
     /// once.
     metric_names_written: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Vec<u8>>>>,
+    /// Telemetry chunk payloads (see segments.rs).
+    segments: std::sync::Arc<segments::Segments>,
     /// The telemetry writer thread (see telemetry.rs).
     telemetry_writer: std::sync::mpsc::Sender<telemetry::WriteJob>,
     meta: sled::Tree,
@@ -316,7 +319,9 @@ impl Store {
         let telemetry = [db.open_tree("t_metrics")?, db.open_tree("t_logs")?, db.open_tree("t_events")?, db.open_tree("t_health")?];
         let flusher = std::sync::Arc::new(Flusher::default());
         let metric_names_written = std::sync::Arc::default();
-        let telemetry_writer = telemetry::Writer { db: db.clone(), trees: telemetry.clone(), flusher: flusher.clone() }.spawn()?;
+        let segments = std::sync::Arc::new(segments::Segments::open(&dir.join("telemetry"), telemetry::all_locations(&telemetry)?.into_iter())?);
+        let appender = segments.appender()?;
+        let telemetry_writer = telemetry::Writer { db: db.clone(), trees: telemetry.clone(), flusher: flusher.clone(), appender }.spawn()?;
         Ok(Store {
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
@@ -338,6 +343,7 @@ impl Store {
             flusher,
             metric_names_written,
             telemetry_writer,
+            segments,
         })
     }
 

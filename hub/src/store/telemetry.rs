@@ -19,10 +19,11 @@
 //! name, `[name len u16][name][block len u32][bincode of (ts, labels, value) points]`, so a
 //! query decodes only the name it asks for.
 
+use super::segments::{Appender, Location};
 use super::{Error, Store};
 use gantry_shared::message::StreamClass;
 use gantry_shared::telemetry::{Record, RecordBody};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 const HWM_PREFIX: &[u8] = b"\0hwm\0";
 const NAME_PREFIX: &[u8] = b"\0name\0";
@@ -377,11 +378,11 @@ impl Store {
             return Ok((outcome, None));
         }
         fresh.sort_by_key(|r| (r.ts_unix_ms, r.seq));
-        let mut batch = sled::Batch::default();
+        let mut chunks = Vec::new();
         let mut new_names = Vec::new();
         for group in chunk_groups(&fresh) {
             let key = chunk_key(agent, group[0].ts_unix_ms, group[0].seq);
-            let value = if class == StreamClass::Metrics {
+            let payload = if class == StreamClass::Metrics {
                 let blocks = metric_blocks(group);
                 let known = self.metric_names_written.lock().unwrap_or_else(|p| p.into_inner());
                 for (name, _) in &blocks {
@@ -395,15 +396,12 @@ impl Store {
             } else {
                 encode_records(group)?
             };
-            outcome.bytes += key.len() + value.len();
-            batch.insert(key, value);
+            outcome.bytes += key.len() + payload.len();
+            let (_, count, newest, _) = parse_header(&payload)?;
+            chunks.push(NewChunk { key, payload, count, newest });
         }
-        for name in &new_names {
-            batch.insert(name.as_slice(), Vec::<u8>::new());
-        }
-        batch.insert(hwm_key(agent), &outcome.high_water.to_be_bytes());
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = WriteJob { tree: class.index(), hwm_key: hwm_key(agent), expected_mark: mark, batch, new_names, reply };
+        let job = WriteJob { tree: class.index(), hwm_key: hwm_key(agent), expected_mark: mark, new_mark: outcome.high_water, chunks, new_names, reply };
         Ok((outcome, Some((job, answer))))
     }
 
@@ -447,7 +445,8 @@ impl Store {
                 if out.len() >= limit {
                     break;
                 }
-                pending.extend(decode_records(&value)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+                let Some(payload) = self.chunk_payload(&value)? else { continue };
+                pending.extend(decode_records(&payload)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
             }
             while out.len() < limit {
                 let Some((_, record)) = pending.pop_last() else { break };
@@ -463,7 +462,8 @@ impl Store {
                 if out.len() >= limit {
                     break;
                 }
-                pending.extend(decode_records(&value)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+                let Some(payload) = self.chunk_payload(&value)? else { continue };
+                pending.extend(decode_records(&payload)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
             }
             while out.len() < limit {
                 let Some((_, record)) = pending.pop_first() else { break };
@@ -485,7 +485,8 @@ impl Store {
         let mut series: Vec<(Labels, Buckets)> = Vec::new();
         for item in self.class_tree(StreamClass::Metrics).range(lower..upper) {
             let (_, value) = item?;
-            for (ts, labels, value) in decode_metric(&value, name)? {
+            let Some(payload) = self.chunk_payload(&value)? else { continue };
+            for (ts, labels, value) in decode_metric(&payload, name)? {
                 if ts < from_ms || ts >= to_ms {
                     continue;
                 }
@@ -519,23 +520,22 @@ impl Store {
     pub fn prune_agent(&self, agent: &str, before_ms: i64) -> Result<u64, Error> {
         let mut removed = 0;
         for tree in &self.telemetry {
-            let lower = chunk_bound(agent, i64::MIN);
             let upper = chunk_bound(agent, before_ms);
             // Delete in bounded batches so pruning never holds a huge batch in memory.
-            let mut from = lower;
+            let mut from = chunk_bound(agent, i64::MIN);
             loop {
                 let mut batch = sled::Batch::default();
-                let mut taken = 0;
+                let mut released = Vec::new();
                 let mut next = None;
-                for item in tree.range(from.clone()..upper.clone()) {
+                for (taken, item) in tree.range(from.clone()..upper.clone()).enumerate() {
                     let (key, value) = item?;
-                    let (_, count, newest, _) = parse_header(&value)?;
+                    let (location, count, newest) = decode_index(&value)?;
                     if newest < before_ms {
                         batch.remove(key.clone());
+                        released.push(location);
                         removed += u64::from(count);
                     }
-                    taken += 1;
-                    if taken >= 256 {
+                    if taken + 1 >= 1024 {
                         let mut after = key.to_vec();
                         after.push(0);
                         next = Some(after);
@@ -543,6 +543,7 @@ impl Store {
                     }
                 }
                 tree.apply_batch(batch)?;
+                self.segments.release(&released)?;
                 match next {
                     Some(after) => from = after,
                     None => break,
@@ -551,6 +552,33 @@ impl Store {
         }
         Ok(removed)
     }
+
+    /// Telemetry segment files and their total size in bytes.
+    pub fn telemetry_disk_usage(&self) -> (u64, u64) {
+        self.segments.usage()
+    }
+
+    /// The payload an index entry points at; `None` (logged) when it is damaged, so one bad
+    /// chunk never hides the rest of a query.
+    fn chunk_payload(&self, index: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let (location, _, _) = decode_index(index)?;
+        match self.segments.read(location) {
+            Ok(payload) => Ok(Some(payload)),
+            Err(error) => {
+                tracing::warn!(%error, "skipping a damaged telemetry chunk");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// A chunk to store: its index key and payload, with the header facts the index keeps.
+#[derive(Debug)]
+struct NewChunk {
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    count: u32,
+    newest: i64,
 }
 
 /// One stream's prepared write: applied only if the stream's mark is still `expected_mark`.
@@ -559,7 +587,8 @@ pub(super) struct WriteJob {
     tree: usize,
     hwm_key: Vec<u8>,
     expected_mark: u64,
-    batch: sled::Batch,
+    new_mark: u64,
+    chunks: Vec<NewChunk>,
     new_names: Vec<Vec<u8>>,
     reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
@@ -573,28 +602,68 @@ const WRITER_GROUP: usize = 4096;
 /// latency is at most this.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The thread that applies telemetry writes. It takes every job waiting, applies each
-/// (checking its stream's mark first), flushes once for all of them, then answers them all:
-/// group commit, so the flush rate, not the batch rate, bounds the disk's work, and writes
-/// of many streams share one fsync.
+/// An index entry: `[format][segment u64][offset u64][len u32][count u32][newest ts i64]`,
+/// all big-endian.
+const FORMAT_INDEX: u8 = 3;
+const INDEX_LEN: usize = 33;
+
+fn encode_index(location: Location, count: u32, newest: i64) -> [u8; INDEX_LEN] {
+    let mut out = [0u8; INDEX_LEN];
+    out[0] = FORMAT_INDEX;
+    out[1..9].copy_from_slice(&location.segment.to_be_bytes());
+    out[9..17].copy_from_slice(&location.offset.to_be_bytes());
+    out[17..21].copy_from_slice(&location.len.to_be_bytes());
+    out[21..25].copy_from_slice(&count.to_be_bytes());
+    out[25..33].copy_from_slice(&newest.to_be_bytes());
+    out
+}
+
+/// `(location, count, newest ts)` of an index entry.
+fn decode_index(value: &[u8]) -> Result<(Location, u32, i64), Error> {
+    let bytes: &[u8; INDEX_LEN] = value.try_into().map_err(|_| Error::Corrupt("telemetry index entry".into()))?;
+    if bytes[0] != FORMAT_INDEX {
+        return Err(Error::Corrupt("telemetry index entry format".into()));
+    }
+    let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    let u32_at = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+    Ok((Location { segment: u64_at(1), offset: u64_at(9), len: u32_at(17) }, u32_at(21), u64_at(25) as i64))
+}
+
+/// Locations of every chunk in `trees`, to count segment references at start.
+pub(super) fn all_locations(trees: &[sled::Tree]) -> Result<Vec<Location>, Error> {
+    let mut out = Vec::new();
+    for tree in trees {
+        // Chunk keys start with an agent id; marks and names start with a zero byte.
+        for item in tree.range(vec![1u8]..) {
+            let (_, value) = item?;
+            out.push(decode_index(&value)?.0);
+        }
+    }
+    Ok(out)
+}
+
+/// The thread that stores telemetry. It gathers the jobs that arrive until a flush is due,
+/// checks each stream's mark, appends every chunk payload to the segment log in one synced
+/// write, applies the index entries and marks to sled, flushes sled once, and answers them
+/// all: group commit, so writes of many streams share one sync.
 pub(super) struct Writer {
     pub db: sled::Db,
     pub trees: [sled::Tree; 4],
     pub flusher: std::sync::Arc<super::Flusher>,
+    pub appender: Appender,
 }
 
 impl Writer {
     /// Start the thread; it ends when every sender (every clone of the store) is gone.
-    pub fn spawn(self) -> Result<std::sync::mpsc::Sender<WriteJob>, Error> {
+    pub fn spawn(mut self) -> Result<std::sync::mpsc::Sender<WriteJob>, Error> {
         let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || {
                 let mut last_flush = std::time::Instant::now();
                 while let Ok(first) = rx.recv() {
-                    // Gather what arrives until a flush is due: with flushes at most every
-                    // FLUSH_INTERVAL, a busy hub writes a few large log writes instead of
-                    // thousands of small ones (each costs sled a padded write and a sync).
+                    // With flushes at most every FLUSH_INTERVAL, a busy hub makes a few
+                    // large synced writes instead of thousands of small ones.
                     let mut jobs = vec![first];
                     let due = last_flush + FLUSH_INTERVAL;
                     while jobs.len() < WRITER_GROUP {
@@ -613,38 +682,62 @@ impl Writer {
         Ok(tx)
     }
 
-    fn commit(&self, jobs: Vec<WriteJob>) {
+    fn commit(&mut self, jobs: Vec<WriteJob>) {
+        // Marks as they will be after this group, so two batches of one stream in the same
+        // group are checked against each other.
+        let mut marks: HashMap<(usize, Vec<u8>), u64> = HashMap::new();
+        let mut accepted = Vec::with_capacity(jobs.len());
         let mut answers = Vec::with_capacity(jobs.len());
-        let mut wrote = false;
         for job in jobs {
-            let tree = &self.trees[job.tree];
-            let current = match tree.get(&job.hwm_key) {
-                Ok(raw) => raw.and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok()).map_or(0, u64::from_be_bytes),
-                Err(error) => {
-                    answers.push((job.reply, Err(error.to_string())));
-                    continue;
-                }
+            let stream = (job.tree, job.hwm_key.clone());
+            let current = match marks.get(&stream) {
+                Some(mark) => *mark,
+                None => match self.trees[job.tree].get(&job.hwm_key) {
+                    Ok(raw) => raw.and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok()).map_or(0, u64::from_be_bytes),
+                    Err(error) => {
+                        answers.push((job.reply, Err(error.to_string())));
+                        continue;
+                    }
+                },
             };
             if current != job.expected_mark {
                 answers.push((job.reply, Ok(false)));
                 continue;
             }
-            match tree.apply_batch(job.batch) {
-                Ok(()) => {
-                    wrote = true;
-                    answers.push((job.reply, Ok(true)));
-                }
-                Err(error) => answers.push((job.reply, Err(error.to_string()))),
-            }
+            marks.insert(stream, job.new_mark);
+            accepted.push(job);
         }
-        let flushed = if wrote { self.flusher.durable(&self.db).map_err(|e| e.to_string()) } else { Ok(()) };
+        let result = self.store(&accepted);
+        for job in accepted {
+            answers.push((job.reply, result.clone().map(|()| true)));
+        }
         for (reply, answer) in answers {
-            let answer = match (&flushed, answer) {
-                (Err(error), Ok(true)) => Err(error.clone()),
-                (_, answer) => answer,
-            };
             let _ = reply.send(answer);
         }
+    }
+
+    /// Payloads to the segment log (synced), then index entries and marks to sled (flushed).
+    fn store(&mut self, jobs: &[WriteJob]) -> Result<(), String> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let payloads: Vec<&[u8]> = jobs.iter().flat_map(|job| job.chunks.iter().map(|c| c.payload.as_slice())).collect();
+        let locations = self.appender.append(&payloads).map_err(|e| e.to_string())?;
+        let mut at = locations.iter();
+        for job in jobs {
+            let mut batch = sled::Batch::default();
+            for chunk in &job.chunks {
+                let location = *at.next().ok_or("segment locations out of step")?;
+                batch.insert(chunk.key.as_slice(), &encode_index(location, chunk.count, chunk.newest)[..]);
+            }
+            for name in &job.new_names {
+                batch.insert(name.as_slice(), Vec::<u8>::new());
+            }
+            batch.insert(job.hwm_key.as_slice(), &job.new_mark.to_be_bytes());
+            self.trees[job.tree].apply_batch(batch).map_err(|e| e.to_string())?;
+        }
+        self.appender.referenced(&locations);
+        self.flusher.durable(&self.db).map_err(|e| e.to_string())
     }
 }
 
@@ -772,6 +865,29 @@ mod tests {
         drop(store);
         let reopened = Store::open(&dir).unwrap();
         assert_eq!(reopened.high_water("agt_1", StreamClass::Logs).unwrap(), 3);
+        let all = reopened.records("agt_1", StreamClass::Logs, &RecordFilter::default(), None, 100).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3], "records survive a reopen");
+        // New writes after a reopen go to a new segment and read back beside the old ones.
+        reopened.ingest("agt_1", StreamClass::Logs, &[log(4, 13, "d")]).await.unwrap();
+        assert_eq!(reopened.records("agt_1", StreamClass::Logs, &RecordFilter::default(), None, 100).unwrap().len(), 4);
+        assert_eq!(reopened.telemetry_disk_usage().0, 2);
+    }
+
+    /// A damaged chunk payload is skipped by queries; the other chunks still answer.
+    #[tokio::test]
+    async fn a_damaged_chunk_is_skipped_not_fatal() {
+        let (store, dir) = store();
+        store.ingest("agt_1", StreamClass::Logs, &[log(1, 10, "first")]).await.unwrap();
+        store.ingest("agt_1", StreamClass::Logs, &[log(2, 100_000, "second")]).await.unwrap();
+        let segment = std::fs::read_dir(dir.join("telemetry")).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let at = bytes.windows(5).position(|w| w == b"first").unwrap();
+        bytes[at] ^= 0x20;
+        std::fs::write(&segment, bytes).unwrap();
+        drop(store);
+        let store = Store::open(&dir).unwrap();
+        let left = store.records("agt_1", StreamClass::Logs, &RecordFilter::default(), None, 100).unwrap();
+        assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
     }
 
     #[tokio::test]
