@@ -600,7 +600,7 @@ type WriteReply = tokio::sync::oneshot::Receiver<Result<bool, String>>;
 const WRITER_GROUP: usize = 4096;
 /// Shortest time between the starts of two telemetry flushes; the added acknowledgement
 /// latency is at most this.
-const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// An index entry: `[format][segment u64][offset u64][len u32][count u32][newest ts i64]`,
 /// all big-endian.
