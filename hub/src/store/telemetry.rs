@@ -238,7 +238,8 @@ fn parse_header(value: &[u8]) -> Result<(u8, u32, i64, &[u8]), Error> {
 fn encode_records(group: &[&Record]) -> Result<Vec<u8>, Error> {
     let newest = group.iter().map(|r| r.ts_unix_ms).max().unwrap_or_default();
     let mut out = header(FORMAT_RECORDS, group.len(), newest);
-    out.extend(bincode::serde::encode_to_vec(group, bincode_config()).map_err(|e| corrupt("encoding records", e))?);
+    out.reserve(group.iter().map(|r| approx_size(r)).sum());
+    bincode::serde::encode_into_std_write(group, &mut out, bincode_config()).map_err(|e| corrupt("encoding records", e))?;
     Ok(out)
 }
 
@@ -283,13 +284,16 @@ fn encode_metrics(group: &[&Record], blocks: &[(&str, Vec<PointRef>)]) -> Result
     let newest = group.iter().map(|r| r.ts_unix_ms).max().unwrap_or_default();
     let points: usize = blocks.iter().map(|(_, p)| p.len()).sum();
     let mut out = header(FORMAT_METRICS, points, newest);
+    out.reserve(group.iter().map(|r| approx_size(r)).sum());
     for (name, points) in blocks {
-        let encoded = bincode::serde::encode_to_vec(points, bincode_config()).map_err(|e| corrupt("encoding metric points", e))?;
         let name_len = u16::try_from(name.len()).map_err(|_| Error::Corrupt("metric name too long".into()))?;
         out.extend_from_slice(&name_len.to_be_bytes());
         out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-        out.extend(encoded);
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        bincode::serde::encode_into_std_write(points, &mut out, bincode_config()).map_err(|e| corrupt("encoding metric points", e))?;
+        let block_len = (out.len() - len_at - 4) as u32;
+        out[len_at..len_at + 4].copy_from_slice(&block_len.to_be_bytes());
     }
     Ok(out)
 }
@@ -600,7 +604,7 @@ type WriteReply = tokio::sync::oneshot::Receiver<Result<bool, String>>;
 const WRITER_GROUP: usize = 4096;
 /// Shortest time between the starts of two telemetry flushes; the added acknowledgement
 /// latency is at most this.
-const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(30);
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// An index entry: `[format][segment u64][offset u64][len u32][count u32][newest ts i64]`,
 /// all big-endian.
