@@ -854,6 +854,36 @@ mod tests {
         }
     }
 
+    /// Two tasks storing overlapping batches of the same stream at once (an agent's old
+    /// connection racing its new one): every seq is stored exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_ingests_of_one_stream_store_each_record_once() {
+        let (store, _dir) = store();
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..4u64 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                // Each task resends from its own start, overlapping the others.
+                for batch in 0..50u64 {
+                    let first = batch * 10 + task * 3 + 1;
+                    let records: Vec<Record> = (first..first + 10).map(|seq| log(seq, seq as i64, &seq.to_string())).collect();
+                    store.ingest("agt_1", StreamClass::Logs, &records).await.unwrap();
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let mark = store.high_water("agt_1", StreamClass::Logs).unwrap();
+        let all = store.records("agt_1", StreamClass::Logs, &RecordFilter::default(), None, 10_000).unwrap();
+        let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
+        let mut unique = seqs.clone();
+        unique.dedup();
+        assert_eq!(seqs, unique, "no seq stored twice");
+        assert_eq!(*seqs.last().unwrap(), mark);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    }
+
     #[tokio::test]
     async fn ingest_is_exactly_once_per_seq() {
         let (store, dir) = store();
