@@ -89,7 +89,9 @@ pub struct QuicLimits {
     pub idle_timeout_secs: u64,
     /// Flow-control window per stream, in bytes.
     pub stream_receive_window: u32,
-    /// Flow-control window per connection, across streams, in bytes.
+    /// Flow-control window per connection, across streams, in bytes. Must exceed four
+    /// stream windows, so that telemetry streams the hub is slow to read can never use up
+    /// the whole connection window and hold back heartbeats on the control stream.
     pub receive_window: u32,
     /// Most bytes buffered for sending per connection.
     pub send_window: u64,
@@ -107,7 +109,7 @@ impl Default for QuicLimits {
             max_incoming: 4096,
             idle_timeout_secs: 30,
             stream_receive_window: 256 * 1024,
-            receive_window: 1024 * 1024,
+            receive_window: 1536 * 1024,
             send_window: 1024 * 1024,
             max_concurrent_bidi_streams: 8,
             max_concurrent_uni_streams: 8,
@@ -218,6 +220,12 @@ impl Config {
         if self.heartbeat_interval_secs == 0 {
             errors.push("heartbeat_interval_secs must be at least 1".to_string());
         }
+        let telemetry_windows = u64::from(self.quic.stream_receive_window) * gantry_shared::message::StreamClass::ALL.len() as u64;
+        if u64::from(self.quic.receive_window) <= telemetry_windows {
+            errors.push(format!(
+                "quic.receive_window must exceed {telemetry_windows} (4 x quic.stream_receive_window), or full telemetry streams could hold back heartbeats"
+            ));
+        }
         if self.liveness_timeout_secs < 2 * self.heartbeat_interval_secs {
             errors.push("liveness_timeout_secs must be at least twice heartbeat_interval_secs".to_string());
         }
@@ -284,6 +292,14 @@ mod tests {
         let config: Config = toml::from_str(include_str!("../../deploy/hub.example.toml")).unwrap();
         assert!(config.validate().is_empty(), "{:?}", config.validate());
         assert_eq!(config.public_addr.as_deref(), Some("hub.example.com:7443"));
+    }
+
+    #[test]
+    fn a_connection_window_telemetry_could_fill_is_refused() {
+        let mut config = Config::default();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        config.quic.receive_window = 4 * config.quic.stream_receive_window;
+        assert!(config.validate().iter().any(|e| e.contains("quic.receive_window")), "{:?}", config.validate());
     }
 
     #[test]
