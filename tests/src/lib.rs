@@ -394,9 +394,18 @@ impl Partition {
                         let (front, back2, flag) = (front.clone(), back.clone(), flag.clone());
                         tokio::spawn(async move {
                             let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = back2.recv(&mut buf).await {
-                                if !flag.load(Ordering::SeqCst) {
-                                    let _ = front.send_to(&buf[..n], client).await;
+                            loop {
+                                match back2.recv(&mut buf).await {
+                                    Ok(n) => {
+                                        if !flag.load(Ordering::SeqCst) {
+                                            let _ = front.send_to(&buf[..n], client).await;
+                                        }
+                                    }
+                                    // While the hub is down, a datagram sent upstream comes back
+                                    // as an ICMP "port unreachable", reported by the next recv on
+                                    // this connected socket. The hub returns: keep relaying.
+                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                                    Err(_) => break,
                                 }
                             }
                         });
