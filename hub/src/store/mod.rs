@@ -168,17 +168,13 @@ pub struct Agent {
 /// commit). sled 0.34 can deadlock when flushes run concurrently with writes (seen under
 /// load: every flush waiting on log stability, writers on sled's global lock; see
 /// spacejam/sled#1308), so no two flushes ever run at once.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Flusher {
     lock: std::sync::Mutex<()>,
     /// Flushes asked for, numbered from 1.
     requested: std::sync::atomic::AtomicU64,
     /// Every request numbered up to this is durable.
     completed: std::sync::atomic::AtomicU64,
-    /// Whether an async caller is flushing for everyone waiting (see `durable_async`).
-    async_running: std::sync::atomic::AtomicBool,
-    /// Bumped after each async flush attempt, so waiters look again.
-    attempts: tokio::sync::watch::Sender<u64>,
 }
 
 impl Flusher {
@@ -195,18 +191,6 @@ impl Flusher {
         db.flush()?;
         self.completed.fetch_max(target, Ordering::AcqRel);
         Ok(())
-    }
-}
-
-impl Default for Flusher {
-    fn default() -> Flusher {
-        Flusher {
-            lock: Default::default(),
-            requested: Default::default(),
-            completed: Default::default(),
-            async_running: Default::default(),
-            attempts: tokio::sync::watch::channel(0).0,
-        }
     }
 }
 
@@ -353,28 +337,10 @@ impl Store {
         self.flusher.durable(&self.db)
     }
 
-    /// [`Store::durable`] for async callers: one of them at a time flushes on a blocking
-    /// thread for everyone; the others wait without holding a thread.
+    /// [`Store::durable`] off the async workers.
     async fn durable_async(&self) -> Result<(), Error> {
-        use std::sync::atomic::Ordering;
-        let flusher = &self.flusher;
-        let ticket = flusher.requested.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut attempts = flusher.attempts.subscribe();
-        loop {
-            if flusher.completed.load(Ordering::Acquire) >= ticket {
-                return Ok(());
-            }
-            if !flusher.async_running.swap(true, Ordering::AcqRel) {
-                let store = self.clone();
-                let flushed = tokio::task::spawn_blocking(move || store.durable()).await;
-                flusher.async_running.store(false, Ordering::Release);
-                flusher.attempts.send_modify(|n| *n += 1);
-                flushed.map_err(|e| Error::Corrupt(format!("flush task failed: {e}")))??;
-                continue;
-            }
-            // A flush is running; it may or may not cover this ticket: look again after it.
-            let _ = attempts.changed().await;
-        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.durable()).await.map_err(|e| Error::Corrupt(format!("flush task failed: {e}")))?
     }
 
     fn check_schema(&self) -> Result<(), Error> {

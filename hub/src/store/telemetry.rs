@@ -437,42 +437,37 @@ impl Store {
         // one that sorts before it.
         let mut pending: BTreeMap<(i64, u64), Record> = BTreeMap::new();
         let mut out = Vec::new();
+        let newest_first = filter.newest_first;
         let range = tree.range(lower..upper);
-        if filter.newest_first {
-            for item in range.rev() {
-                let (key, value) = item?;
-                let oldest = ts_from_key(&key[agent.len() + 1..]);
-                // Chunks still to come start at `oldest` or earlier, so end by oldest + span.
-                while pending.last_key_value().is_some_and(|(k, _)| k.0 > oldest.saturating_add(CHUNK_SPAN_MS)) && out.len() < limit {
-                    out.extend(pending.pop_last().map(|(_, r)| r));
-                }
-                if out.len() >= limit {
-                    break;
-                }
-                let Some(payload) = self.chunk_payload(&value)? else { continue };
-                pending.extend(decode_records(&payload)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+        let chunks: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        // The next record in the query's order, if no chunk still to be read (the next one
+        // starting at `oldest`; none left with `None`) can hold one that sorts before it.
+        // Chunks still to come start at `oldest` or later (or earlier, newest first, and
+        // then end by `oldest` + span).
+        let take_final = |pending: &mut BTreeMap<(i64, u64), Record>, oldest: Option<i64>| {
+            let (next, _) = if newest_first { pending.last_key_value()? } else { pending.first_key_value()? };
+            let is_final = oldest.is_none_or(|o| if newest_first { next.0 > o.saturating_add(CHUNK_SPAN_MS) } else { next.0 < o });
+            if !is_final {
+                return None;
             }
+            if newest_first { pending.pop_last() } else { pending.pop_first() }.map(|(_, record)| record)
+        };
+        for item in chunks {
+            let (key, value) = item?;
+            let oldest = ts_from_key(&key[agent.len() + 1..]);
             while out.len() < limit {
-                let Some((_, record)) = pending.pop_last() else { break };
+                let Some(record) = take_final(&mut pending, Some(oldest)) else { break };
                 out.push(record);
             }
-        } else {
-            for item in range {
-                let (key, value) = item?;
-                let oldest = ts_from_key(&key[agent.len() + 1..]);
-                while pending.first_key_value().is_some_and(|(k, _)| k.0 < oldest) && out.len() < limit {
-                    out.extend(pending.pop_first().map(|(_, r)| r));
-                }
-                if out.len() >= limit {
-                    break;
-                }
-                let Some(payload) = self.chunk_payload(&value)? else { continue };
-                pending.extend(decode_records(&payload)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+            if out.len() >= limit {
+                break;
             }
-            while out.len() < limit {
-                let Some((_, record)) = pending.pop_first() else { break };
-                out.push(record);
-            }
+            let Some(payload) = self.chunk_payload(&value)? else { continue };
+            pending.extend(decode_records(&payload)?.into_iter().filter(|r| wanted(r)).map(|r| ((r.ts_unix_ms, r.seq), r)));
+        }
+        while out.len() < limit {
+            let Some(record) = take_final(&mut pending, None) else { break };
+            out.push(record);
         }
         Ok(out)
     }
