@@ -7,6 +7,7 @@
 
 use crate::metrics::Metrics;
 use crate::Hub;
+use futures_util::FutureExt;
 use gantry_agent::wire::{FramedRecv, FramedSend, WireError};
 use gantry_shared::message::{Ack, ErrorCode, StreamClass};
 use gantry_shared::telemetry::{StreamDown, StreamUp};
@@ -27,6 +28,8 @@ pub struct LiveBatch {
 
 /// Most records accepted in one batch.
 pub const MAX_BATCH_RECORDS: usize = 10_000;
+/// Records at which already-arrived batches stop being merged into one write (a full chunk).
+pub const COALESCE_RECORDS: usize = 2_000;
 /// How far ahead of the hub's clock a record's timestamp may be; later ones are clamped.
 pub const MAX_FUTURE_SKEW_MS: i64 = 3_600_000;
 /// How long a new stream has to say which class it carries.
@@ -55,6 +58,7 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
     if send.send(&StreamDown::Ack(Ack { stream: class, up_to_seq: mark })).await.is_err() {
         return;
     }
+    let mut finishing = false;
     loop {
         let batch = match recv.next::<StreamUp>().await {
             Ok(Some(StreamUp::Batch(batch))) => batch,
@@ -66,10 +70,27 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
         if batch.records.len() > MAX_BATCH_RECORDS {
             return violation(&hub, &connection, "telemetry batch has too many records");
         }
+        // Batches that have already arrived are stored and acknowledged together: one write
+        // and one ack instead of several, so a busy hub does less work per record the
+        // further it falls behind. The ack carries the highest mark, which covers them all.
+        let mut batch = batch;
+        while batch.records.len() < COALESCE_RECORDS {
+            match recv.next::<StreamUp>().now_or_never() {
+                None => break,
+                Some(Ok(Some(StreamUp::Batch(more)))) if more.records.len() <= MAX_BATCH_RECORDS => batch.records.extend(more.records),
+                Some(Ok(Some(StreamUp::Batch(_)))) => return violation(&hub, &connection, "telemetry batch has too many records"),
+                Some(Ok(Some(StreamUp::Open { .. }))) => return violation(&hub, &connection, "telemetry stream opened twice"),
+                Some(Err(error)) if error.is_protocol() => return violation(&hub, &connection, &error.to_string()),
+                // The stream or connection ended: store what arrived whole, then stop.
+                Some(Ok(None)) | Some(Err(_)) => {
+                    finishing = true;
+                    break;
+                }
+            }
+        }
         // A record may not claim to come from the future (a wrong agent clock would park it
         // beyond retention for ever); older timestamps are normal after an outage.
         let latest = crate::wall_ms().saturating_add(MAX_FUTURE_SKEW_MS);
-        let mut batch = batch;
         for record in &mut batch.records {
             record.ts_unix_ms = record.ts_unix_ms.min(latest);
         }
@@ -85,11 +106,20 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
         };
         hub.metrics.ingested(class, &outcome, crate::wall_ms());
         if outcome.accepted > 0 && hub.live.receiver_count() > 0 {
-            let records = batch.records.into_iter().filter(|r| r.seq > outcome.previous_high_water).collect();
+            let mut mark = outcome.previous_high_water;
+            let records = batch
+                .records
+                .into_iter()
+                .filter(|r| {
+                    let fresh = r.seq > mark;
+                    mark = mark.max(r.seq);
+                    fresh
+                })
+                .collect();
             let _ = hub.live.send(Arc::new(LiveBatch { agent: agent_id.clone(), class, records }));
         }
         debug!(?class, accepted = outcome.accepted, duplicates = outcome.duplicates, mark = outcome.high_water, "batch stored");
-        if send.send(&StreamDown::Ack(Ack { stream: class, up_to_seq: outcome.high_water })).await.is_err() {
+        if send.send(&StreamDown::Ack(Ack { stream: class, up_to_seq: outcome.high_water })).await.is_err() || finishing {
             return;
         }
     }

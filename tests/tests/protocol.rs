@@ -142,3 +142,63 @@ async fn sessions_need_a_certificate_from_this_hub() {
     other_hub.stop().await;
     hub.stop().await;
 }
+
+/// Batches that arrive together, including a resend overlapping what was already sent, are
+/// stored exactly once each and acknowledged up to the highest seq: the hub may merge
+/// batches it has already received into one write and one ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_arriving_together_are_stored_once_and_acked_to_the_last() {
+    use gantry_shared::message::StreamClass;
+    use gantry_shared::telemetry::{Batch, LogLine, LogStream, Record, RecordBody, StreamDown, StreamUp};
+    let dir = TempDir::new("coalesce");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 10).await;
+    let token = hub.token("acme", 1, "10m").await;
+    let state = StateDir::new(dir.path().join("agent"));
+    let id = enroll(&token, &state.dir).await.unwrap();
+    let connection = connect(hub.quic, hub.hub.pki.ca_sha256(), Some(&state)).await.expect("handshake");
+    let (mut control, mut control_recv) = connection.open_bi().await.unwrap();
+    control.write_all(&hello_frame()).await.unwrap();
+    let mut welcome = [0u8; 4];
+    control_recv.read_exact(&mut welcome).await.expect("the hub answers hello");
+    hub.wait_status(&id, "online", Duration::from_secs(10)).await;
+
+    let (send, recv) = connection.open_bi().await.unwrap();
+    let mut send = gantry_agent::wire::FramedSend::new(send, 1 << 20);
+    let mut recv = gantry_agent::wire::FramedRecv::new(recv, 1 << 20);
+    send.send(&StreamUp::Open { class: StreamClass::Logs }).await.unwrap();
+    let first = recv.next::<StreamDown>().await.unwrap();
+    assert!(matches!(first, Some(StreamDown::Ack(ref ack)) if ack.up_to_seq == 0), "{first:?}");
+    let record = |seq: u64| Record {
+        seq,
+        ts_unix_ms: 1_700_000_000_000 + seq as i64,
+        body: RecordBody::Log(LogLine { source: "/var/log/app.log".into(), stream: LogStream::File, container: None, line: format!("line-{:08}", seq - 1) }),
+    };
+    let batch = |seqs: std::ops::RangeInclusive<u64>| {
+        gantry_shared::frame::encode_to_vec(&StreamUp::Batch(Batch { records: seqs.map(record).collect() }), 1 << 20).unwrap()
+    };
+    // Five batches in one write, the fourth resending part of the second and third.
+    let bytes = [batch(1..=10), batch(11..=20), batch(21..=30), batch(15..=35), batch(36..=40)].concat();
+    send.send_raw(&bytes).await.unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match recv.next::<StreamDown>().await.unwrap() {
+                Some(StreamDown::Ack(ack)) if ack.up_to_seq == 40 => return ack.up_to_seq,
+                Some(StreamDown::Ack(ack)) => assert!(ack.up_to_seq < 40, "ack beyond what was sent: {ack:?}"),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("acknowledged up to the last seq");
+    assert_eq!(acked, 40);
+    let records = hub.api().all_records(&format!("/api/v1/agents/{id}/logs"), "").await;
+    assert_lines_exactly_once(&records, 40);
+    let (_, _, metrics) = hub.api().anonymous().send("GET", "/metrics", None, vec![]).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("gantry_ingest_duplicates_total{class=\"logs\"} 16")),
+        "the sixteen resent records (15-30) are counted as duplicates:\n{metrics}"
+    );
+    connection.close(0u32.into(), b"done");
+    hub.stop().await;
+}

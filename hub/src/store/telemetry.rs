@@ -720,8 +720,10 @@ impl Writer {
         if jobs.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let payloads: Vec<&[u8]> = jobs.iter().flat_map(|job| job.chunks.iter().map(|c| c.payload.as_slice())).collect();
         let locations = self.appender.append(&payloads).map_err(|e| e.to_string())?;
+        let appended = started.elapsed();
         let mut at = locations.iter();
         for job in jobs {
             let mut batch = sled::Batch::default();
@@ -736,7 +738,17 @@ impl Writer {
             self.trees[job.tree].apply_batch(batch).map_err(|e| e.to_string())?;
         }
         self.appender.referenced(&locations);
-        self.flusher.durable(&self.db).map_err(|e| e.to_string())
+        let applied = started.elapsed();
+        let flushed = self.flusher.durable(&self.db).map_err(|e| e.to_string());
+        tracing::debug!(
+            jobs = jobs.len(),
+            chunks = payloads.len(),
+            append_ms = appended.as_millis() as u64,
+            apply_ms = (applied - appended).as_millis() as u64,
+            flush_ms = (started.elapsed() - applied).as_millis() as u64,
+            "telemetry group committed"
+        );
+        flushed
     }
 }
 
