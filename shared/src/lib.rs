@@ -5,6 +5,7 @@
 //! This crate does no IO: no sockets, no clock reads, no tokio. Time always comes in as an
 //! argument, so every rule here is tested on a virtual clock.
 
+pub mod checks;
 pub mod deploy;
 pub mod frame;
 pub mod message;

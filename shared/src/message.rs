@@ -332,11 +332,18 @@ pub enum HubMessage {
     HeartbeatAck(HeartbeatAck),
     Drain(Drain),
     Renewed(Renewed),
-    RenewRefused { reason: String },
+    RenewRefused {
+        reason: String,
+    },
     Ack(Ack),
     Error(ProtocolError),
     Deploy(Box<DeployCommand>),
-    RemoveDeployment { deployment_id: String },
+    RemoveDeployment {
+        deployment_id: String,
+    },
+    /// The complete set of health checks this agent runs (replaces any earlier set with a
+    /// lower revision); sent at every session start and whenever it changes.
+    Checks(crate::checks::CheckSet),
 }
 
 #[cfg(test)]

@@ -543,6 +543,7 @@ fn hub_message_name(msg: &HubMessage) -> &'static str {
         HubMessage::Error(_) => "Error",
         HubMessage::Deploy(_) => "Deploy",
         HubMessage::RemoveDeployment { .. } => "RemoveDeployment",
+        HubMessage::Checks(_) => "Checks",
     }
 }
 

@@ -73,6 +73,8 @@ pub enum RecordBody {
         records: u64,
         bytes: u64,
     },
+    /// A health check's state change, remediation or periodic summary (health stream).
+    Check(crate::checks::CheckReport),
 }
 
 /// One record of a stream.

@@ -604,6 +604,20 @@ fn record_json(agent: Option<&str>, record: &gantry_shared::telemetry::Record) -
             "bytes": bytes,
         }),
         RecordBody::Metrics(samples) => json!({ "kind": "metrics", "samples": samples.len() }),
+        RecordBody::Check(report) => json!({
+            "kind": "check",
+            "check": report.name,
+            "type": report.kind,
+            "state": report.state.name(),
+            "since": rfc3339(report.since_unix_ms),
+            "transition": report.transition,
+            "output": report.output,
+            "latency_ms": report.latency_ms,
+            "runs": report.runs,
+            "failures": report.failures,
+            "remediation": report.remediation,
+            "crash_loop": report.crash_loop,
+        }),
     };
     value["seq"] = json!(record.seq);
     value["ts"] = json!(rfc3339(record.ts_unix_ms));

@@ -158,6 +158,13 @@ impl RecordFilter {
                     && self.kind.as_ref().is_none_or(|k| if k.ends_with('.') { event.kind.starts_with(k.as_str()) } else { event.kind == *k })
                     && self.text.as_ref().is_none_or(|t| contains_ignore_case(&event.message, t))
             }
+            // Check reports: `kind` filters by check name.
+            RecordBody::Check(report) => {
+                self.source.is_none()
+                    && self.container.is_none()
+                    && self.kind.as_ref().is_none_or(|k| report.name == *k)
+                    && self.text.as_ref().is_none_or(|t| contains_ignore_case(&report.output, t))
+            }
             // Gaps are shown whatever the filter: a loss must never be hidden by a search.
             RecordBody::Gap { .. } => true,
             RecordBody::Metrics(_) => true,
@@ -195,6 +202,7 @@ fn approx_size(record: &Record) -> usize {
         RecordBody::Event(event) => event.kind.len() + event.message.len() + event.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
         RecordBody::Metrics(samples) => samples.iter().map(|s| 12 + s.name.len() + s.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum(),
         RecordBody::Gap { .. } => 32,
+        RecordBody::Check(report) => 48 + report.name.len() + report.output.len() + report.remediation.as_ref().map_or(0, String::len),
     }
 }
 
