@@ -102,7 +102,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (collectors_stop, collectors_stopped) = tokio::sync::watch::channel(false);
     let collectors = crate::collection::spawn_all(&config, outbox.clone(), collectors_stopped.clone());
     let (deployer, deployer_task) =
-        crate::deployer::start(config.docker.clone(), state.dir.clone(), identity.agent_id.clone(), outbox.clone(), collectors_stopped);
+        crate::deployer::start(config.docker.clone(), state.dir.clone(), identity.agent_id.clone(), outbox.clone(), collectors_stopped.clone());
+    // Checks run from the kept set at once, connected or not.
+    let (checks, checks_task) = crate::checks::start(state.dir.clone(), config.docker.clone(), outbox.clone(), Some(deployer.clone()), collectors_stopped);
     let mut backoff = Backoff::new(BackoffConfig { base: Duration::from_millis(config.backoff_base_ms), cap: Duration::from_millis(config.backoff_cap_ms) });
     let origin = Instant::now();
     let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
@@ -110,7 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::pin!(shutdown);
     loop {
         let ended = tokio::select! {
-            ended = connect_once(&config, &state, &identity, &hub_addr, origin, &mut endpoint, &outbox, &deployer) => ended,
+            ended = connect_once(&config, &state, &identity, &hub_addr, origin, &mut endpoint, &outbox, &deployer, &checks) => ended,
             _ = &mut shutdown => Ended::Shutdown,
         };
         match ended {
@@ -118,6 +120,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ended::Fatal(error) => {
                 stop_collectors(collectors_stop, collectors).await;
                 deployer_task.abort();
+                checks_task.abort();
                 outbox.event(agent_event("agent.stopped", Severity::Error, error.to_string(), vec![]));
                 close_endpoint(endpoint).await;
                 return Err(error);
@@ -153,6 +156,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     stop_collectors(collectors_stop, collectors).await;
     // A deployment in progress is persisted as desired; the next start reconciles it.
     deployer_task.abort();
+    checks_task.abort();
     outbox.event(agent_event("agent.stopped", Severity::Info, "agent stopped", vec![]));
     if let Err(error) = outbox.spool().flush() {
         warn!(%error, "could not flush the spool");
@@ -202,6 +206,7 @@ async fn connect_once(
     endpoint_slot: &mut Option<(SocketAddr, quinn::Endpoint)>,
     outbox: &Outbox,
     deployer: &crate::deployer::Deployer,
+    checks: &crate::checks::Checks,
 ) -> Ended {
     let lost = |reason: String| Ended::Lost { reason, established: false };
     let (chain, key) = match state.load_credentials() {
@@ -251,7 +256,7 @@ async fn connect_once(
         Err(_) => return lost(format!("no answer from {remote} within {} s", config.connect_timeout_secs)),
     };
     let renew_at = renewal_time(not_before, not_after, config.renew_at_fraction, rand::random());
-    session(config, state, identity, connection, origin, renew_at, outbox, deployer).await
+    session(config, state, identity, connection, origin, renew_at, outbox, deployer, checks).await
 }
 
 /// Map how the hub closed a connection to what the loop does next.
@@ -285,6 +290,7 @@ async fn session(
     mut renew_at: i64,
     outbox: &Outbox,
     deployer: &crate::deployer::Deployer,
+    checks: &crate::checks::Checks,
 ) -> Ended {
     let mut senders = tokio::task::JoinSet::new();
     let mut reports = deployer.subscribe();
@@ -359,6 +365,7 @@ async fn session(
                         warn!("deployment queue full; the hub will send the command again");
                     }
                 }
+                SessionEvent::Message(HubMessage::Checks(set)) => checks.submit(set),
                 SessionEvent::Message(other) => debug!(message = ?other, "message not handled by this agent version"),
             }
         }

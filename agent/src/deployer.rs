@@ -12,17 +12,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 /// Commands waiting for the worker, at most.
 pub const QUEUE: usize = 256;
 
-/// A command from the hub.
+/// A command from the hub (or, for `Redeploy`, from a health check's remediation).
 #[derive(Debug)]
 pub enum Command {
     Deploy(Box<DeployCommand>),
     Remove(String),
+    /// Run deployment `.0`'s last good revision again from fresh containers; the report
+    /// (also sent to the hub) or the error goes to `.1`.
+    Redeploy(String, oneshot::Sender<Result<DeployReport, String>>),
 }
 
 /// Handle the sessions use. Cheap to clone.
@@ -196,6 +199,21 @@ async fn work(
                     }
                 };
                 deployer.publish(report);
+            }
+            Command::Redeploy(id, reply) => {
+                info!(deployment = %id, "redeploying the last good revision");
+                let result = match executor.redeploy(&id, &mut sink).await {
+                    Ok(outcome) => {
+                        let report = report_of(&id, &outcome);
+                        deployer.publish(report.clone());
+                        Ok(report)
+                    }
+                    Err(error) => {
+                        warn!(%error, deployment = %id, "redeploying a deployment failed");
+                        Err(error.to_string())
+                    }
+                };
+                let _ = reply.send(result);
             }
         }
     }

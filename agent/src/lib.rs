@@ -5,6 +5,7 @@
 //! so tests and the hub's quickstart run agents in-process). `main.rs` only calls
 //! [`cli::main`]. Only this crate talks to the host (`/proc`, Docker).
 
+pub mod checks;
 pub mod cli;
 pub mod collection;
 pub mod collector;

@@ -15,6 +15,8 @@ pub const DEFAULT_DATA_DIR: &str = "./gantry-data";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
 /// Default QUIC listen address.
 pub const DEFAULT_QUIC_ADDR: &str = "0.0.0.0:7443";
+/// Default first webhook retry delay, in milliseconds.
+pub const DEFAULT_WEBHOOK_RETRY_BASE_MS: u64 = 10_000;
 
 /// Everything `gantry-hub serve` needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,6 +61,9 @@ pub struct Config {
     pub default_retention_days: u32,
     /// Seconds between runs of the retention pruner.
     pub prune_interval_secs: u64,
+    /// Milliseconds between evaluations of the alert rules (50 to 3600000); check reports
+    /// also trigger one at once.
+    pub alert_interval_ms: u64,
     /// Memory the store may use to cache pages, in MiB (at least 8). More keeps more of a
     /// large store's recent telemetry in memory for queries; the hub's resident memory
     /// grows with it.
@@ -69,6 +74,11 @@ pub struct Config {
     /// it the secrets cannot be read, and a different key makes the hub refuse to start.
     /// Env `GANTRY_SECRETS_KEY_FILE`.
     pub secrets_key_file: Option<PathBuf>,
+    /// Delay before the first retry of a failed webhook delivery, in milliseconds (default
+    /// 10 s). Later retries wait multiples of it (x3, x6, x12, x30, x60, x180, then x360:
+    /// 30 s, 1 min, 2 min, 5 min, 10 min, 30 min, then hourly at the default) until 24 h
+    /// after the delivery was created.
+    pub webhook_retry_base_ms: u64,
     /// QUIC transport limits.
     pub quic: QuicLimits,
 }
@@ -136,8 +146,10 @@ impl Default for Config {
             max_http_body_bytes: 256 * 1024,
             default_retention_days: 7,
             prune_interval_secs: 300,
+            alert_interval_ms: 5_000,
             store_cache_mib: 128,
             secrets_key_file: None,
+            webhook_retry_base_ms: DEFAULT_WEBHOOK_RETRY_BASE_MS,
             quic: QuicLimits::default(),
         }
     }
@@ -240,6 +252,12 @@ impl Config {
         }
         if self.store_cache_mib < 8 {
             errors.push("store_cache_mib must be at least 8".to_string());
+        }
+        if !(50..=3_600_000).contains(&self.alert_interval_ms) {
+            errors.push("alert_interval_ms must be 50-3600000".to_string());
+        }
+        if self.webhook_retry_base_ms == 0 {
+            errors.push("webhook_retry_base_ms must be at least 1".to_string());
         }
         if self.prune_interval_secs == 0 {
             errors.push("prune_interval_secs must be at least 1".to_string());

@@ -244,6 +244,7 @@ async fn session(hub: Arc<Hub>, connection: quinn::Connection, identity: crate::
                     }
                     info!(version, clock_skew_ms, "agent online");
                     crate::orchestrator::agent_connected(&hub, &agent_id, &identity.org);
+                    crate::checks::agent_connected(&hub, &agent_id);
                 }
                 HubEvent::HeartbeatReceived { clock_skew_ms, .. } => {
                     Metrics::inc(&hub.metrics.heartbeats);

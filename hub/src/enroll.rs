@@ -121,6 +121,7 @@ pub fn enroll(hub: &Hub, request: &EnrollRequest) -> Result<Enrolled, EnrollRefu
         Ok(enrolled) => {
             hub.metrics.enrollment("ok");
             tracing::info!(agent_id = %enrolled.agent_id, org = %enrolled.org, hostname = %request.facts.hostname, "agent enrolled");
+            crate::webhooks::agent_event(hub, "agent.enrolled", &enrolled.agent_id);
         }
         Err(refusal) => {
             hub.metrics.enrollment(refusal_label(refusal));

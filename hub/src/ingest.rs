@@ -105,6 +105,16 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
             }
         };
         hub.metrics.ingested(class, &outcome, crate::wall_ms());
+        if outcome.accepted > 0 {
+            match class {
+                StreamClass::Health => crate::checks::record_reports(&hub, &agent_id, &batch.records, outcome.previous_high_water),
+                StreamClass::Metrics => hub.health.observe_metrics(&agent_id, &batch.records),
+                _ => {}
+            }
+            if outcome.gap_records > 0 {
+                hub.health.observe_drop(&agent_id, crate::wall_ms());
+            }
+        }
         if outcome.accepted > 0 && hub.live.receiver_count() > 0 {
             let mut mark = outcome.previous_high_water;
             let records = batch

@@ -5,8 +5,10 @@
 //! on already-bound sockets until a shutdown future resolves, so tests boot real hubs on
 //! `127.0.0.1:0` in-process. The binary in `main.rs` only parses flags and calls these.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod connection;
@@ -20,6 +22,7 @@ pub mod retention;
 pub mod secrets;
 pub mod store;
 pub mod transport;
+pub mod webhooks;
 
 use anyhow::Context;
 use config::Config;
@@ -52,6 +55,8 @@ pub struct Hub {
     pub rollouts: std::sync::Mutex<std::collections::HashMap<String, orchestrator::Rollout>>,
     /// Woken whenever an agent reports on a deployment.
     pub deploy_changes: tokio::sync::Notify,
+    /// Wakes the webhook delivery worker when deliveries are queued.
+    pub webhook_wake: tokio::sync::Notify,
     /// QUIC handshakes accepted and not yet finished (address validation kicks in above
     /// `quic.retry_above_incoming`).
     pub handshakes_in_flight: std::sync::atomic::AtomicUsize,
@@ -60,6 +65,9 @@ pub struct Hub {
     pub quic_tasks: std::sync::atomic::AtomicUsize,
     /// Telemetry batches just stored, for live tails (`.../logs/stream`).
     pub live: tokio::sync::broadcast::Sender<Arc<ingest::LiveBatch>>,
+    /// What alert rules look at besides the store (latest disk use, spool drops), and the
+    /// counters of checks and alerts.
+    pub health: alerts::Health,
     origin: Instant,
     accepting: AtomicBool,
 }
@@ -91,8 +99,10 @@ impl Hub {
             metrics: metrics::Metrics::default(),
             public_addr,
             live: tokio::sync::broadcast::channel(ingest::LIVE_BUFFER).0,
+            health: alerts::Health::new(wall_ms()),
             rollouts: Default::default(),
             deploy_changes: tokio::sync::Notify::new(),
+            webhook_wake: tokio::sync::Notify::new(),
             handshakes_in_flight: Default::default(),
             quic_tasks: Default::default(),
             origin: Instant::now(),
@@ -251,6 +261,9 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
 
     let accept = tokio::spawn(connection::accept_loop(hub.clone(), endpoint.clone(), stop_rx.clone()));
     let pruner = tokio::spawn(retention::run(hub.clone(), stop_rx.clone()));
+    let webhook_worker = tokio::spawn(webhooks::run(hub.clone(), stop_rx.clone()));
+    hub.health.set_started(wall_ms());
+    let alerting = tokio::spawn(alerts::run(hub.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
     let app = api::router(hub.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http_task = tokio::spawn(async move {
@@ -281,6 +294,8 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = pruner.await;
+    let _ = webhook_worker.await;
+    let _ = alerting.await;
     match tokio::time::timeout(Duration::from_secs(5), http_task).await {
         Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server ended with an error"),
         Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),

@@ -28,6 +28,14 @@ pub struct Metrics {
     pub retention_pruned: AtomicU64,
     pub retention_last_run_ms: AtomicU64,
     pub retention_last_duration_ms: AtomicU64,
+    /// Webhook delivery attempts made (each POST, whatever its outcome).
+    pub webhook_attempts: AtomicU64,
+    /// Webhook deliveries answered with 2xx.
+    pub webhook_deliveries_succeeded: AtomicU64,
+    /// Webhook deliveries given up on (retries exhausted, endpoint disabled or deleted).
+    pub webhook_deliveries_failed: AtomicU64,
+    /// Webhook deliveries waiting for an attempt (a gauge the delivery worker sets).
+    pub webhook_deliveries_pending: AtomicU64,
     enrollments: [AtomicU64; ENROLL_RESULTS.len()],
     ingest: [IngestCounters; 4],
 }
@@ -95,6 +103,14 @@ impl Metrics {
         counter("gantry_logins_failed_total", "Failed login attempts.", &self.logins_failed);
         counter("gantry_retention_runs_total", "Runs of the retention pruner.", &self.retention_runs);
         counter("gantry_retention_pruned_total", "Telemetry entries deleted by retention.", &self.retention_pruned);
+        counter("gantry_webhook_delivery_attempts_total", "Webhook delivery attempts made, whatever their outcome.", &self.webhook_attempts);
+        counter("gantry_webhook_deliveries_succeeded_total", "Webhook deliveries answered with 2xx.", &self.webhook_deliveries_succeeded);
+        counter("gantry_webhook_deliveries_failed_total", "Webhook deliveries given up on (retries exhausted, endpoint disabled or deleted).", &self.webhook_deliveries_failed);
+        let _ = writeln!(
+            out,
+            "# HELP gantry_webhook_deliveries_pending Webhook deliveries waiting for an attempt.\n# TYPE gantry_webhook_deliveries_pending gauge\ngantry_webhook_deliveries_pending {}",
+            self.webhook_deliveries_pending.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP gantry_retention_last_run_timestamp_seconds When the pruner last finished.\n# TYPE gantry_retention_last_run_timestamp_seconds gauge\ngantry_retention_last_run_timestamp_seconds {:.3}",

@@ -154,14 +154,18 @@ pub fn report(hub: &Hub, agent_id: &str, org: &str, report: DeployReport) {
     }
     info!(deployment = %report.deployment_id, revision = report.revision, state = ?report.state, "deployment report");
     let status = AgentDeployStatus { revision: report.revision, state: report.state, message: report.message, updated_at_ms: crate::wall_ms() };
+    let previous = hub.store.deploy_status(&report.deployment_id, agent_id).ok().flatten();
     if let Err(error) = hub.store.set_deploy_status(&report.deployment_id, agent_id, &status) {
         warn!(%error, "cannot record a deployment report");
     }
+    crate::webhooks::deployment_reported(hub, &deployment, agent_id, previous.as_ref(), &status);
     hub.deploy_changes.notify_waiters();
 }
 
 /// A deployment changed (created, updated, rolled back, deleted): roll it out.
 pub fn changed(hub: &Arc<Hub>, deployment: &Deployment, spec_strategy: Strategy) {
+    // Checks scoped to this deployment follow its targets.
+    crate::checks::org_changed(hub, &deployment.org);
     let targets = resolve_targets(hub, &deployment.org, &deployment.targets).unwrap_or_default();
     match spec_strategy {
         Strategy::Rolling { batch_size, pause_secs, on_failure } if deployment.deleted_at_ms.is_none() && targets.len() > 1 => {

@@ -35,12 +35,15 @@ impl std::fmt::Debug for SecretBox {
 pub enum Kind {
     Secret,
     RegistryPassword,
+    /// A webhook endpoint's signing secret, named by the endpoint id.
+    Webhook,
 }
 
 fn aad(org: &str, kind: Kind, name: &str) -> Vec<u8> {
     let kind = match kind {
         Kind::Secret => "secret",
         Kind::RegistryPassword => "registry",
+        Kind::Webhook => "webhook",
     };
     format!("gantry-v1\0{org}\0{kind}\0{name}").into_bytes()
 }

@@ -433,6 +433,36 @@ impl Executor {
         Ok(())
     }
 
+    /// Run deployment `id`'s last good revision again from fresh containers: stop and
+    /// remove every container of the deployment, then create, start and health-gate the
+    /// last good revision's (a health check's remediation, for containers that run but do
+    /// not work). Errors: an unknown deployment, one without a good revision, Docker or the
+    /// state directory failing.
+    pub async fn redeploy(&self, id: &str, progress: &mut (dyn FnMut(Progress) + Send)) -> Result<Outcome, Error> {
+        check_id(id)?;
+        let lock = self.lock_for(id);
+        let _guard = lock.lock().await;
+        let Some(mut state) = self.status(id).filter(|s| !s.removing) else {
+            return Err(Error::State(format!("deployment {id} is not known to this agent")));
+        };
+        let Some(good) = state.last_good.clone() else {
+            return Err(Error::State(format!("deployment {id} has no good revision to redeploy")));
+        };
+        let secrets = self.store.load_secrets(id);
+        let redactor = Redactor::new(secrets.revisions.values().flat_map(|s| s.values()));
+        let mut run = Run { id: id.to_string(), redactor, progress };
+        let specs: Vec<&RevisionSpec> = std::iter::once(&state.desired).chain(state.last_good.as_ref()).collect();
+        for container in self.list_owned(id).await? {
+            let revision = container.revision.unwrap_or(good.revision);
+            run.emit(revision, container.service.as_deref(), Step::Removing, format!("removing container {} to redeploy revision {}", container.name, good.revision));
+            if container.running {
+                self.stop(&container.id, grace_of(&container, &specs)).await;
+            }
+            self.remove_container(&container.id).await?;
+        }
+        self.converge(&mut state, good, &secrets, &mut run).await
+    }
+
     /// After an agent restart: for every persisted deployment adopt its containers, remove
     /// strays (other revisions, duplicates, changed specs) and converge to the desired
     /// revision, or to the last good one when the desired one failed. Finishes removals cut

@@ -7,7 +7,9 @@
 //! and no internals. Bodies are size-capped and validated before anything is written.
 
 mod deployments;
+mod health;
 mod secrets;
+mod webhooks;
 
 use crate::auth::{self, Principal, SESSION_COOKIE};
 use crate::enroll::{self, TokenRequest, TokenRequestError};
@@ -301,6 +303,21 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/orgs/{org}/secrets/{name}", put(secrets::put_secret).delete(secrets::delete_secret))
         .route("/api/v1/orgs/{org}/registries", get(secrets::list_registries))
         .route("/api/v1/orgs/{org}/registries/{server}", put(secrets::put_registry).delete(secrets::delete_registry))
+        .route("/api/v1/orgs/{org}/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/api/v1/orgs/{org}/webhooks/{id}", get(webhooks::get).patch(webhooks::update).put(webhooks::replace).delete(webhooks::delete))
+        .route("/api/v1/orgs/{org}/webhooks/{id}/rotate-secret", post(webhooks::rotate_secret))
+        .route("/api/v1/orgs/{org}/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
+        .route("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
+        .route("/api/v1/orgs/{org}/checks", get(health::list_checks).post(health::create_check))
+        .route("/api/v1/orgs/{org}/checks/{id}", get(health::get_check).put(health::replace_check).delete(health::delete_check))
+        .route("/api/v1/agents/{id}/checks", get(health::agent_checks))
+        .route("/api/v1/orgs/{org}/alerts", get(health::list_alerts))
+        .route("/api/v1/orgs/{org}/alerts/{id}", get(health::get_alert))
+        .route("/api/v1/orgs/{org}/alerts/{id}/acknowledge", post(health::acknowledge_alert))
+        .route("/api/v1/orgs/{org}/silences", get(health::list_silences).post(health::create_silence))
+        .route("/api/v1/orgs/{org}/silences/{id}", axum::routing::delete(health::delete_silence))
+        .route("/api/v1/orgs/{org}/alert-rules", get(health::get_rules).put(health::put_rules))
         .route("/api/v1/orgs/{org}/logs", get(org_logs))
         .route("/api/v1/orgs/{org}/events", get(org_events))
         .route("/", get(dashboard))
@@ -334,6 +351,7 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     let enrolled = hub.store.orgs().map(|orgs| orgs.iter().map(|o| o.agent_count as usize).sum()).unwrap_or(0);
     let mut body = hub.metrics.render(hub.registry.len(), enrolled);
+    body.push_str(&crate::alerts::render_metrics(&hub));
     let (segments, bytes) = hub.store.telemetry_disk_usage();
     body.push_str(&format!(
         "# HELP gantry_telemetry_segments Telemetry segment files on disk.\n# TYPE gantry_telemetry_segments gauge\ngantry_telemetry_segments {segments}\n# HELP gantry_telemetry_segment_bytes Bytes of telemetry segment files on disk.\n# TYPE gantry_telemetry_segment_bytes gauge\ngantry_telemetry_segment_bytes {bytes}\n"
@@ -491,7 +509,7 @@ async fn list_agents(State(hub): State<Arc<Hub>>, principal: Principal, Path(org
     Ok(Json(json!({ "agents": agents })))
 }
 
-fn find_agent(hub: &Hub, principal: &Principal, id: &str) -> ApiResult<Agent> {
+pub(crate) fn find_agent(hub: &Hub, principal: &Principal, id: &str) -> ApiResult<Agent> {
     let agent = hub.store.agent(id)?.ok_or_else(|| ApiError::not_found(&format!("agent {id}")))?;
     authorize_org(principal, &agent.org).map_err(|_| ApiError::not_found(&format!("agent {id}")))?;
     Ok(agent)
@@ -503,8 +521,11 @@ async fn get_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): 
 }
 
 async fn revoke_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
-    find_agent(&hub, &principal, &id)?;
+    let before = find_agent(&hub, &principal, &id)?;
     let agent = hub.store.revoke_agent(&id, crate::wall_ms())?.ok_or_else(|| ApiError::not_found(&format!("agent {id}")))?;
+    if before.revoked_at_ms.is_none() {
+        crate::webhooks::agent_event(&hub, "agent.revoked", &id);
+    }
     Metrics::inc(&hub.metrics.agents_revoked);
     hub.registry.close(&id, gantry_shared::message::ErrorCode::Revoked, "agent was revoked by an operator; re-enroll it");
     tracing::info!(agent_id = %id, by = %principal.name, "agent revoked");
@@ -578,7 +599,7 @@ fn parse_cursor(text: &str) -> ApiResult<(store::RecordCursor, Option<String>)> 
     Ok((store::RecordCursor { ts_ms, seq }, parts.next().map(str::to_string)))
 }
 
-fn record_json(agent: Option<&str>, record: &gantry_shared::telemetry::Record) -> serde_json::Value {
+pub(crate) fn record_json(agent: Option<&str>, record: &gantry_shared::telemetry::Record) -> serde_json::Value {
     use gantry_shared::telemetry::RecordBody;
     let mut value = match &record.body {
         RecordBody::Log(line) => json!({

@@ -14,13 +14,19 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::path::Path;
 
+mod alerts;
+mod checks;
 mod deployments;
 mod secrets;
 mod segments;
 mod telemetry;
+mod webhooks;
+pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
+pub use checks::{CheckConfig, CheckScope, CheckStatus};
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
 pub use secrets::{StoredRegistry, StoredSecret};
 pub use telemetry::{IngestOutcome, MetricSeries, RecordCursor, RecordFilter};
+pub use webhooks::{DeliveryAttempt, DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent};
 
 /// Store format version written at creation; a newer one is refused.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -225,6 +231,12 @@ pub struct Store {
     registries: sled::Tree,
     /// Telemetry per class (metrics, logs, events, health): see `telemetry.rs`.
     telemetry: [sled::Tree; 4],
+    /// Webhook endpoints, events and the delivery queue: see `webhooks.rs`.
+    webhooks: webhooks::Trees,
+    /// Check configurations and each agent's latest check states: see `checks.rs`.
+    checks: checks::Trees,
+    /// Alerts, silences and alert rules: see `alerts.rs`.
+    alerts: alerts::Trees,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -307,6 +319,9 @@ impl Store {
         let appender = segments.appender()?;
         let telemetry_writer = telemetry::Writer { db: db.clone(), trees: telemetry.clone(), flusher: flusher.clone(), appender }.spawn()?;
         Ok(Store {
+            webhooks: webhooks::Trees::open(&db)?,
+            checks: checks::Trees::open(&db)?,
+            alerts: alerts::Trees::open(&db)?,
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
             users: db.open_tree("users")?,

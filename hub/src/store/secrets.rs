@@ -84,6 +84,6 @@ impl Store {
 
     /// Whether any value is sealed in the store (then the key file must be the same one).
     pub fn has_sealed_values(&self) -> Result<bool, Error> {
-        Ok(!self.secrets.is_empty() || !self.registries.is_empty())
+        Ok(!self.secrets.is_empty() || !self.registries.is_empty() || self.webhooks.has_sealed())
     }
 }

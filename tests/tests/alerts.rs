@@ -1,0 +1,196 @@
+//! Alerts against a real hub and real agent processes: an agent that dies fires
+//! `agent_offline` after the org's threshold and resolves when it returns; a hub restart
+//! whose agents come back within the grace period fires nothing; bad check configurations
+//! and alert settings are refused and change nothing.
+
+#![allow(clippy::unwrap_used)]
+
+use gantry_tests::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn fast(config: &mut gantry_hub::config::Config) {
+    config.alert_interval_ms = 200;
+    config.heartbeat_interval_secs = 1;
+    config.liveness_timeout_secs = 3;
+}
+
+async fn put(api: &Api, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, text) = api.send("PUT", path, Some("application/json"), serde_json::to_vec(body).unwrap()).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+async fn alerts(api: &Api, org: &str, status: &str) -> Vec<Value> {
+    let (code, body) = api.get(&format!("/api/v1/orgs/{org}/alerts?status={status}")).await;
+    assert_eq!(code, 200, "{body}");
+    body["alerts"].as_array().unwrap().clone()
+}
+
+async fn evaluations(api: &Api) -> u64 {
+    let (_, _, metrics) = api.anonymous().send("GET", "/metrics", None, vec![]).await;
+    metrics.lines().find_map(|l| l.strip_prefix("gantry_alert_evaluations_total ")).and_then(|v| v.parse().ok()).expect("evaluation counter")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_agent_fires_after_the_threshold_and_resolves_when_back() {
+    let dir = TempDir::new("alert-offline");
+    let hub = TestHub::start(&dir.path().join("hub"), fast).await;
+    hub.create_org("acme", 10).await;
+    let api = hub.api();
+    let (code, rules) = put(&api, "/api/v1/orgs/acme/alert-rules", &json!({ "offline_after_secs": 3, "restart_grace_secs": 0 })).await;
+    assert_eq!(code, 200, "{rules}");
+    assert_eq!(rules["disk_used_percent"], 90.0, "unnamed rules keep their defaults: {rules}");
+    let token = hub.token("acme", 1, "10m").await;
+    let state = dir.path().join("agent");
+    let id = enroll(&token, &state).await.unwrap();
+    let mut agent = AgentProcess::start(&state);
+    hub.wait_status(&id, "online", Duration::from_secs(10)).await;
+
+    agent.kill9().await;
+    hub.wait_status(&id, "offline", Duration::from_secs(30)).await;
+    let stored = hub.hub.store.agent(&id).unwrap().unwrap();
+    let offline_since = stored.last_disconnected_ms.unwrap_or_else(|| panic!("no disconnect time: {stored:?}"));
+    let fired = wait_for(Duration::from_secs(30), "agent_offline alert", || async {
+        alerts(&api, "acme", "firing").await.into_iter().find(|a| a["rule"] == "agent_offline" && a["agent"] == id.as_str())
+    })
+    .await;
+    let started = gantry_hub::api::parse_time(fired["started_at"].as_str().unwrap()).unwrap();
+    assert!(started - offline_since >= 3000, "fired {} ms after the agent went offline, before the 3 s threshold", started - offline_since);
+    assert_eq!(fired["severity"], "critical");
+    assert!(fired["summary"].as_str().unwrap().contains(&id), "{fired}");
+    // Still offline: still one alert, not one per evaluation.
+    let before = evaluations(&api).await;
+    wait_for(Duration::from_secs(20), "more evaluations", || async { (evaluations(&api).await >= before + 3).then_some(()) }).await;
+    assert_eq!(alerts(&api, "acme", "all").await.len(), 1);
+
+    let _agent = AgentProcess::start(&state);
+    hub.wait_status(&id, "online", Duration::from_secs(10)).await;
+    let resolved = wait_for(Duration::from_secs(20), "the alert to resolve", || async {
+        alerts(&api, "acme", "resolved").await.into_iter().find(|a| a["id"] == fired["id"])
+    })
+    .await;
+    assert!(resolved["resolved_at"].is_string(), "{resolved}");
+    assert!(alerts(&api, "acme", "open").await.is_empty());
+    let (_, _, metrics) = api.anonymous().send("GET", "/metrics", None, vec![]).await;
+    assert!(metrics.lines().any(|l| l == "gantry_alerts_fired_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "gantry_alerts_resolved_total 1"), "{metrics}");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_restart_whose_agents_return_within_the_grace_fires_nothing() {
+    let dir = TempDir::new("alert-restart");
+    let hub_dir = dir.path().join("hub");
+    let hub = TestHub::start(&hub_dir, fast).await;
+    hub.create_org("acme", 10).await;
+    let api = hub.api();
+    let (code, body) = put(&api, "/api/v1/orgs/acme/alert-rules", &json!({ "offline_after_secs": 1, "restart_grace_secs": 60 })).await;
+    assert_eq!(code, 200, "{body}");
+    let token = hub.token("acme", 3, "10m").await;
+    let mut ids = Vec::new();
+    let mut agents = Vec::new();
+    for n in 0..3 {
+        let state = dir.path().join(format!("agent-{n}"));
+        ids.push(enroll(&token, &state).await.unwrap());
+        agents.push(AgentProcess::start(&state));
+    }
+    for id in &ids {
+        hub.wait_status(id, "online", Duration::from_secs(10)).await;
+    }
+    let (http, quic) = (hub.http, hub.quic);
+    hub.stop().await;
+    let hub = TestHub::start_at(&hub_dir, http, quic, fast).await;
+    let api = hub.api();
+    for id in &ids {
+        hub.wait_status(id, "online", Duration::from_secs(45)).await;
+    }
+    // Offline for longer than the 1 s threshold while the hub was away, but back within
+    // the grace: several evaluations later, no alert exists at all.
+    let before = evaluations(&api).await;
+    wait_for(Duration::from_secs(20), "more evaluations", || async { (evaluations(&api).await >= before + 5).then_some(()) }).await;
+    assert_eq!(alerts(&api, "acme", "all").await, Vec::<Value>::new());
+    hub.stop().await;
+    drop(agents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_check_configurations_get_a_precise_400_and_change_nothing() {
+    let dir = TempDir::new("check-config");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 10).await;
+    hub.create_org("other", 10).await;
+    let api = hub.api();
+    let cases = [
+        (json!({ "spec": { "name": "web", "probe": { "type": "http", "url": "http://127.0.0.1/" }, "interval_secs": -5 } }), "interval_secs"),
+        (
+            json!({ "spec": { "name": "web", "probe": { "type": "http", "url": "http://127.0.0.1/" }, "interval_secs": 0 } }),
+            "spec.interval_secs must be 1-86400",
+        ),
+        (json!({ "spec": { "name": "web", "probe": { "type": "ping", "host": "x" } } }), "unknown variant `ping`"),
+        (
+            json!({ "spec": { "name": "web", "probe": { "type": "http", "url": "htp:/broken" } } }),
+            "spec.probe.url: \"htp:/broken\" must start with http:// or https://",
+        ),
+        (json!({ "spec": { "name": "web", "probe": { "type": "http", "url": "http://exa mple.com/" } } }), "spec.probe.url"),
+        (json!({ "spec": { "name": "web", "probe": { "type": "tcp", "host": "db", "port": 0 } } }), "spec.probe.port must be 1-65535"),
+        (
+            json!({ "spec": { "name": "web", "probe": { "type": "memory", "max_used_percent": 90 } }, "scope": { "selector": { "bad key!": "x" } } }),
+            "scope.selector",
+        ),
+        (json!({ "spec": { "name": "web", "probe": { "type": "memory", "max_used_percent": 90 }, "colour": "red" } }), "unknown field `colour`"),
+    ];
+    for (body, expect) in cases {
+        let (code, answer) = api.post("/api/v1/orgs/acme/checks", &body).await;
+        assert_eq!(code, 400, "{body} -> {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expect), "{body}: expected {expect:?} in {message:?}");
+    }
+    // A scope naming another org's objects is reported like a missing one.
+    let (code, answer) = api
+        .post(
+            "/api/v1/orgs/acme/checks",
+            &json!({ "spec": { "name": "m", "probe": { "type": "memory", "max_used_percent": 90 } }, "scope": { "deployment": "dep_nope" } }),
+        )
+        .await;
+    assert_eq!(code, 404, "{answer}");
+    let (code, answer) = api.get("/api/v1/orgs/acme/checks").await;
+    assert_eq!(code, 200);
+    assert_eq!(answer, json!({ "checks": [], "revision": 0 }), "nothing was written");
+
+    // A good one, then a bad replacement of it: the stored one is unchanged.
+    let good = json!({ "spec": { "name": "mem", "probe": { "type": "memory", "max_used_percent": 95 }, "interval_secs": 10, "timeout_secs": 5 } });
+    let (code, created) = api.post("/api/v1/orgs/acme/checks", &good).await;
+    assert_eq!(code, 201, "{created}");
+    let path = format!("/api/v1/orgs/acme/checks/{}", created["id"].as_str().unwrap());
+    let (code, answer) =
+        put(&api, &path, &json!({ "spec": { "name": "mem", "probe": { "type": "memory", "max_used_percent": 95 }, "timeout_secs": 50, "interval_secs": 10 } }))
+            .await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("timeout_secs must not exceed interval_secs"), "{answer}");
+    let (_, stored) = api.get(&path).await;
+    assert_eq!(stored["spec"]["timeout_secs"], 5);
+    let (code, _) = api.post("/api/v1/orgs/acme/checks", &good).await;
+    assert_eq!(code, 409, "names are unique in an org");
+    // Other orgs see none of it.
+    let other_key = org_key(&hub, "other").await;
+    let (code, _) = api.with_bearer(&other_key).get(&path).await;
+    assert_eq!(code, 404);
+
+    // Alert rules and silences are validated the same way.
+    let (code, answer) = put(&api, "/api/v1/orgs/acme/alert-rules", &json!({ "disk_used_percent": 150 })).await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("disk_used_percent must be 0-100"));
+    let (code, answer) = api.post("/api/v1/orgs/acme/silences", &json!({ "rule": "nope", "duration": "1h" })).await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("rule \"nope\" must be one of"), "{answer}");
+    let (_, rules) = api.get("/api/v1/orgs/acme/alert-rules").await;
+    assert_eq!(rules["disk_used_percent"], 90.0);
+    let (_, silences) = api.get("/api/v1/orgs/acme/silences").await;
+    assert_eq!(silences["silences"], json!([]));
+    hub.stop().await;
+}
+
+/// An org-scoped API key for `org`.
+async fn org_key(hub: &TestHub, org: &str) -> String {
+    gantry_hub::auth::create_api_key(&hub.hub, "test", Some(org.to_string()), "test").unwrap().1
+}
