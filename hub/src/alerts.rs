@@ -406,3 +406,101 @@ pub fn render_metrics(hub: &Hub) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn facts(id: &str) -> AgentFacts {
+        let agent = Agent {
+            id: id.into(),
+            org: "acme".into(),
+            hostname: "web-1".into(),
+            last_connected_ms: Some(NOW - 3_600_000),
+            last_disconnected_ms: None,
+            cert_not_after_ms: NOW + 30 * 86_400_000,
+            ..Agent::default()
+        };
+        AgentFacts { agent, connected: true, checks: Vec::new(), disks: Vec::new(), last_drop_ms: None, deployments: Vec::new() }
+    }
+
+    fn check(name: &str, kind: &str, state: CheckState, crash_loop: bool) -> CheckStatus {
+        CheckStatus {
+            name: name.into(),
+            kind: kind.into(),
+            state,
+            since_ms: NOW - 1000,
+            output: "connection refused".into(),
+            latency_ms: 3,
+            reported_at_ms: NOW - 1000,
+            crash_loop,
+            last_remediation: None,
+            last_remediation_ms: None,
+        }
+    }
+
+    fn rules_of(conditions: &[Condition]) -> Vec<(&str, &str)> {
+        conditions.iter().map(|c| (c.rule, c.severity)).collect()
+    }
+
+    #[test]
+    fn a_healthy_agent_holds_no_condition() {
+        assert!(conditions(&AlertRules::default(), &[facts("a")], 0, NOW).is_empty());
+    }
+
+    #[test]
+    fn offline_waits_for_the_threshold_and_the_restart_grace() {
+        let rules = AlertRules { offline_after_secs: 60, restart_grace_secs: 120, ..AlertRules::default() };
+        let mut f = facts("a");
+        f.connected = false;
+        f.agent.last_disconnected_ms = Some(NOW - 59_000);
+        assert!(conditions(&rules, &[f.clone()], 0, NOW).is_empty(), "before the threshold");
+        f.agent.last_disconnected_ms = Some(NOW - 61_000);
+        assert_eq!(rules_of(&conditions(&rules, &[f.clone()], 0, NOW)), [("agent_offline", "critical")]);
+        assert!(conditions(&rules, &[f.clone()], NOW - 100_000, NOW).is_empty(), "within the grace after a hub start");
+        f.agent.last_connected_ms = None;
+        assert!(conditions(&rules, &[f.clone()], 0, NOW).is_empty(), "never connected is not offline");
+        f.agent.last_connected_ms = Some(NOW - 3_600_000);
+        f.agent.revoked_at_ms = Some(NOW - 1);
+        assert!(conditions(&rules, &[f], 0, NOW).is_empty(), "revoked agents are not watched");
+    }
+
+    #[test]
+    fn failing_checks_fire_by_kind_and_crash_loops_are_critical() {
+        let mut f = facts("a");
+        f.checks = vec![
+            check("web", "http", CheckState::Failing, false),
+            check("db", "tcp", CheckState::Failing, true),
+            check("cert", "tls_expiry", CheckState::Failing, false),
+            check("ok", "http", CheckState::Passing, false),
+            check("new", "http", CheckState::Pending, false),
+        ];
+        let found = conditions(&AlertRules::default(), &[f.clone()], 0, NOW);
+        assert_eq!(rules_of(&found), [("check_failing", "warning"), ("check_failing", "critical"), ("certificate_expiring", "warning")]);
+        assert_eq!(found[0].key, "check_failing:a:web");
+        assert_eq!(found[0].check.as_deref(), Some("web"));
+        let off = AlertRules { check_failing: false, ..AlertRules::default() };
+        assert_eq!(rules_of(&conditions(&off, &[f], 0, NOW)), [("certificate_expiring", "warning")]);
+    }
+
+    #[test]
+    fn disk_spool_certificate_and_deployment_rules() {
+        let mut f = facts("a");
+        f.disks = vec![("/".into(), 95.5, NOW - 5_000), ("/data".into(), 50.0, NOW), ("/old".into(), 99.0, NOW - DISK_READING_TTL_MS - 1)];
+        f.last_drop_ms = Some(NOW - 1000);
+        f.agent.cert_not_after_ms = NOW + 2 * 86_400_000;
+        f.deployments = vec![
+            ("dep_1".into(), "web".into(), DeployState::Failed, "exit 1".into()),
+            ("dep_2".into(), "api".into(), DeployState::RolledBack { to: 3 }, "unhealthy".into()),
+            ("dep_3".into(), "ok".into(), DeployState::Healthy, String::new()),
+        ];
+        let found = conditions(&AlertRules::default(), &[f.clone()], 0, NOW);
+        let keys: Vec<&str> = found.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["certificate_expiring:a:agent", "disk_full:a:/", "spool_dropping:a", "deployment_failed:dep_1:a", "deployment_failed:dep_2:a"]);
+        assert!(found[1].summary.contains("95.5 %"), "{}", found[1].summary);
+        f.last_drop_ms = Some(NOW - 901_000);
+        assert!(!conditions(&AlertRules::default(), &[f], 0, NOW).iter().any(|c| c.rule == "spool_dropping"), "quiet long enough");
+    }
+}
