@@ -261,9 +261,7 @@ fn agent_facts(hub: &Hub, org: &str) -> Result<Vec<AgentFacts>, crate::store::Er
 
 /// Tell an org's webhooks about `event`.
 pub fn notify(hub: &Hub, org: &str, event: &str, data: serde_json::Value) {
-    // Delivery through the org's webhook endpoints (crate::webhooks) is wired in below.
-    tracing::debug!(org, event, %data, "notification");
-    let _ = hub;
+    crate::webhooks::notify(hub, org, event, data);
 }
 
 fn alert_json(alert: &Alert) -> serde_json::Value {

@@ -122,7 +122,8 @@ pub fn payload(event: &WebhookEvent) -> Vec<u8> {
         org: &'a str,
         data: &'a Value,
     }
-    let body = Payload { id: &event.id, event_type: &event.event_type, created_at: crate::api::rfc3339(event.created_at_ms), org: &event.org, data: &event.data };
+    let body =
+        Payload { id: &event.id, event_type: &event.event_type, created_at: crate::api::rfc3339(event.created_at_ms), org: &event.org, data: &event.data };
     // Serialising strings and a JSON value cannot fail.
     serde_json::to_vec(&body).unwrap_or_default()
 }
@@ -162,7 +163,8 @@ pub fn notify(hub: &Hub, org: &str, event_type: &str, data: Value) {
         return;
     }
     let now = crate::wall_ms();
-    let event = WebhookEvent { id: format!("evt_{}", crate::auth::random_hex(12)), org: org.to_string(), event_type: event_type.to_string(), created_at_ms: now, data };
+    let event =
+        WebhookEvent { id: format!("evt_{}", crate::auth::random_hex(12)), org: org.to_string(), event_type: event_type.to_string(), created_at_ms: now, data };
     let deliveries: Vec<_> = subscribed.iter().map(|e| new_delivery(&event.id, event_type, org, &e.id, now, None)).collect();
     match hub.store.enqueue_webhook_deliveries(Some(&event), &deliveries) {
         Ok(()) => hub.webhook_wake.notify_one(),
@@ -248,6 +250,9 @@ pub async fn run(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
     // Delivery ids of the attempts in flight, by task.
     let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut next_prune = tokio::time::Instant::now();
+    // The pending gauge is refreshed after the queue changed, at most once a second
+    // (counting the queue is a scan).
+    let mut gauge_stale = true;
     let mut next_gauge = tokio::time::Instant::now();
     loop {
         let now = crate::wall_ms();
@@ -270,25 +275,24 @@ pub async fn run(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
                 Some(now + 1000)
             }
         };
-        if tokio::time::Instant::now() >= next_gauge {
-            // Counting the queue is a scan: at most once a second.
+        if gauge_stale && tokio::time::Instant::now() >= next_gauge {
+            gauge_stale = false;
             next_gauge = tokio::time::Instant::now() + Duration::from_secs(1);
             hub.metrics.webhook_deliveries_pending.store(hub.store.pending_webhook_deliveries() as u64, Ordering::Relaxed);
         }
-        let wait = match next_due {
+        let mut wait = match next_due {
             Some(_) if tasks.len() >= MAX_IN_FLIGHT => IDLE_WAIT,
             Some(at) => Duration::from_millis(u64::try_from(at - now).unwrap_or(0)),
             None => IDLE_WAIT,
         };
-        let wait = wait.min(next_gauge.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(1000)));
+        if gauge_stale {
+            wait = wait.min(next_gauge.saturating_duration_since(tokio::time::Instant::now()));
+        }
         tokio::select! {
-            _ = hub.webhook_wake.notified() => {}
+            _ = hub.webhook_wake.notified() => gauge_stale = true,
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let id = match done {
-                    Ok((id, ())) => id,
-                    Err(error) => error.id(),
-                };
-                in_flight.remove(&id);
+                in_flight.remove(&done.map_or_else(|error| error.id(), |(id, ())| id));
+                gauge_stale = true;
             }
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|stop| *stop) => break,
@@ -299,7 +303,6 @@ pub async fn run(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.shutdown().await;
-    hub.metrics.webhook_deliveries_pending.store(hub.store.pending_webhook_deliveries() as u64, Ordering::Relaxed);
 }
 
 /// Drop deliveries and events past [`LOG_RETENTION_MS`], off the async workers.
@@ -337,7 +340,13 @@ async fn attempt(hub: &Hub, client: &Client, id: &str) {
         Ok(Some((delivery, Some(_), Some(_)))) => return give_up(hub, delivery, "endpoint is disabled"),
         Ok(Some((delivery, None, _))) => return give_up(hub, delivery, "endpoint was deleted"),
         Ok(Some((delivery, _, None))) => return give_up(hub, delivery, "event is no longer stored"),
-        Ok(None) => return,
+        Ok(None) => {
+            // Done, or gone with its endpoint: a queue entry left behind must not come back.
+            if let Err(error) = hub.store.unqueue_webhook_delivery(id) {
+                warn!(delivery = %id, %error, "cannot clear a webhook queue entry");
+            }
+            return;
+        }
         Err(error) => {
             warn!(delivery = %id, %error, "cannot read a webhook delivery");
             // Stay in flight a moment, so a failing store is not read in a tight loop.

@@ -31,6 +31,7 @@ pub struct CheckSpec {
     /// Unique among an agent's checks; letters, digits, `-`, `_`, `.`.
     pub name: String,
     /// What to probe.
+    #[serde(with = "binary::probe")]
     pub probe: Probe,
     /// Seconds between runs (1-86400).
     #[serde(default = "default_interval")]
@@ -133,7 +134,7 @@ impl Probe {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Remediation {
-    #[serde(default)]
+    #[serde(default, with = "binary::steps")]
     pub steps: Vec<RemediationStep>,
     /// Remediations allowed within `window_secs` (1-100).
     #[serde(default = "default_max_attempts")]
@@ -175,6 +176,88 @@ impl RemediationStep {
             RemediationStep::RestartContainer { container } => format!("restart container {container}"),
             RemediationStep::Redeploy { deployment_id } => format!("redeploy last good revision of {deployment_id}"),
             RemediationStep::RunCommand { command } => format!("run {}", command.join(" ")),
+        }
+    }
+}
+
+/// The wire form of [`Probe`] and [`RemediationStep`]. In JSON (the API, files) they are
+/// internally tagged (`{"type": "http", ...}`); bincode, the protocol's codec, cannot read
+/// internally tagged enums back (they need `deserialize_any`), so in binary formats they
+/// are externally tagged through these mirrors instead.
+mod binary {
+    use super::{Probe, RemediationStep};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(remote = "Probe")]
+    enum ProbeBinary {
+        Http { url: String, expect_status: Option<u16>, body_contains: Option<String>, max_latency_ms: Option<u64> },
+        Tcp { host: String, port: u16 },
+        Exec { command: Vec<String> },
+        Container { name: String },
+        DiskFree { path: String, min_free_percent: f64 },
+        Memory { max_used_percent: f64 },
+        Load { max_per_core: f64 },
+        Process { name: String },
+        TlsExpiry { host: String, port: u16, min_days: u32 },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(remote = "RemediationStep")]
+    enum RemediationStepBinary {
+        RestartContainer { container: String },
+        Redeploy { deployment_id: String },
+        RunCommand { command: Vec<String> },
+    }
+
+    pub(super) mod probe {
+        use super::*;
+
+        pub(in super::super) fn serialize<S: Serializer>(probe: &Probe, serializer: S) -> Result<S::Ok, S::Error> {
+            if serializer.is_human_readable() {
+                probe.serialize(serializer)
+            } else {
+                ProbeBinary::serialize(probe, serializer)
+            }
+        }
+
+        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Probe, D::Error> {
+            if deserializer.is_human_readable() {
+                Probe::deserialize(deserializer)
+            } else {
+                ProbeBinary::deserialize(deserializer)
+            }
+        }
+    }
+
+    pub(super) mod steps {
+        use super::*;
+
+        struct Item<'a>(&'a RemediationStep);
+
+        impl Serialize for Item<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                RemediationStepBinary::serialize(self.0, serializer)
+            }
+        }
+
+        #[derive(Deserialize)]
+        struct Owned(#[serde(with = "RemediationStepBinary")] RemediationStep);
+
+        pub(in super::super) fn serialize<S: Serializer>(steps: &[RemediationStep], serializer: S) -> Result<S::Ok, S::Error> {
+            if serializer.is_human_readable() {
+                steps.serialize(serializer)
+            } else {
+                serializer.collect_seq(steps.iter().map(Item))
+            }
+        }
+
+        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<RemediationStep>, D::Error> {
+            if deserializer.is_human_readable() {
+                Vec::<RemediationStep>::deserialize(deserializer)
+            } else {
+                Ok(Vec::<Owned>::deserialize(deserializer)?.into_iter().map(|owned| owned.0).collect())
+            }
         }
     }
 }
@@ -497,6 +580,31 @@ mod tests {
         let a = spec(r#"{"name":"a","probe":{"type":"memory","max_used_percent":90}}"#).unwrap();
         let errors = validate_set(&[a.clone(), a]).unwrap_err();
         assert!(errors[0].contains("used twice"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_check_set_crosses_the_wire_and_keeps_its_json_shape() {
+        use crate::message::HubMessage;
+        let json = r#"{"revision":4,"checks":[
+            {"name":"h","probe":{"type":"http","url":"https://x/","expect_status":200,"body_contains":"ok","max_latency_ms":500},
+             "remediation":{"steps":[{"action":"restart_container","container":"web"},{"action":"redeploy","deployment_id":"d"},{"action":"run_command","command":["true"]}]}},
+            {"name":"t","probe":{"type":"tcp","host":"db","port":5432}},
+            {"name":"e","probe":{"type":"exec","command":["true"]}},
+            {"name":"c","probe":{"type":"container","name":"web"}},
+            {"name":"d","probe":{"type":"disk_free","path":"/","min_free_percent":10}},
+            {"name":"m","probe":{"type":"memory","max_used_percent":90}},
+            {"name":"l","probe":{"type":"load","max_per_core":2}},
+            {"name":"p","probe":{"type":"process","name":"nginx"}},
+            {"name":"x","probe":{"type":"tls_expiry","host":"example.com","min_days":14}}]}"#;
+        let set: CheckSet = serde_json::from_str(json).unwrap();
+        assert_eq!(set.checks.len(), 9);
+        let bytes = crate::frame::encode_to_vec(&HubMessage::Checks(set.clone()), crate::frame::DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let decoded: HubMessage = crate::frame::decode_body(&bytes[crate::frame::LENGTH_PREFIX_BYTES..]).unwrap();
+        assert_eq!(decoded, HubMessage::Checks(set.clone()));
+        // JSON is unchanged: internally tagged.
+        let text = serde_json::to_string(&set).unwrap();
+        assert!(text.contains(r#""probe":{"type":"http","url":"https://x/""#) && text.contains(r#"{"action":"redeploy","deployment_id":"d"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<CheckSet>(&text).unwrap(), set);
     }
 
     #[test]

@@ -26,6 +26,24 @@ async fn alerts(api: &Api, org: &str, status: &str) -> Vec<Value> {
     body["alerts"].as_array().unwrap().clone()
 }
 
+/// A webhook endpoint for every event, pointed at a port nothing listens on: the delivery
+/// log still shows each event the hub meant to send.
+async fn webhook(api: &Api, org: &str) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (code, body) = api.post(&format!("/api/v1/orgs/{org}/webhooks"), &json!({ "url": format!("http://127.0.0.1:{port}/hook"), "events": ["*"] })).await;
+    assert_eq!(code, 201, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+/// Event types of the endpoint's deliveries, oldest first.
+async fn delivered(api: &Api, org: &str, webhook: &str) -> Vec<String> {
+    let (code, body) = api.get(&format!("/api/v1/orgs/{org}/webhooks/{webhook}/deliveries")).await;
+    assert_eq!(code, 200, "{body}");
+    let mut types: Vec<String> = body["deliveries"].as_array().unwrap().iter().map(|d| d["event_type"].as_str().unwrap().to_string()).collect();
+    types.reverse();
+    types
+}
+
 async fn evaluations(api: &Api) -> u64 {
     let (_, _, metrics) = api.anonymous().send("GET", "/metrics", None, vec![]).await;
     metrics.lines().find_map(|l| l.strip_prefix("gantry_alert_evaluations_total ")).and_then(|v| v.parse().ok()).expect("evaluation counter")
@@ -40,6 +58,7 @@ async fn an_offline_agent_fires_after_the_threshold_and_resolves_when_back() {
     let (code, rules) = put(&api, "/api/v1/orgs/acme/alert-rules", &json!({ "offline_after_secs": 3, "restart_grace_secs": 0 })).await;
     assert_eq!(code, 200, "{rules}");
     assert_eq!(rules["disk_used_percent"], 90.0, "unnamed rules keep their defaults: {rules}");
+    let hook = webhook(&api, "acme").await;
     let token = hub.token("acme", 1, "10m").await;
     let state = dir.path().join("agent");
     let id = enroll(&token, &state).await.unwrap();
@@ -71,6 +90,12 @@ async fn an_offline_agent_fires_after_the_threshold_and_resolves_when_back() {
     .await;
     assert!(resolved["resolved_at"].is_string(), "{resolved}");
     assert!(alerts(&api, "acme", "open").await.is_empty());
+    let events = wait_for(Duration::from_secs(10), "the webhook events", || async {
+        let events = delivered(&api, "acme", &hook).await;
+        (events.len() >= 5).then_some(events)
+    })
+    .await;
+    assert_eq!(events, ["agent.enrolled", "alert.firing", "agent.offline", "alert.resolved", "agent.online"]);
     let (_, _, metrics) = api.anonymous().send("GET", "/metrics", None, vec![]).await;
     assert!(metrics.lines().any(|l| l == "gantry_alerts_fired_total 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "gantry_alerts_resolved_total 1"), "{metrics}");
@@ -86,6 +111,7 @@ async fn a_hub_restart_whose_agents_return_within_the_grace_fires_nothing() {
     let api = hub.api();
     let (code, body) = put(&api, "/api/v1/orgs/acme/alert-rules", &json!({ "offline_after_secs": 1, "restart_grace_secs": 60 })).await;
     assert_eq!(code, 200, "{body}");
+    let hook = webhook(&api, "acme").await;
     let token = hub.token("acme", 3, "10m").await;
     let mut ids = Vec::new();
     let mut agents = Vec::new();
@@ -109,6 +135,7 @@ async fn a_hub_restart_whose_agents_return_within_the_grace_fires_nothing() {
     let before = evaluations(&api).await;
     wait_for(Duration::from_secs(20), "more evaluations", || async { (evaluations(&api).await >= before + 5).then_some(()) }).await;
     assert_eq!(alerts(&api, "acme", "all").await, Vec::<Value>::new());
+    assert_eq!(delivered(&api, "acme", &hook).await, ["agent.enrolled"; 3], "nobody was told anything but the enrollments");
     hub.stop().await;
     drop(agents);
 }

@@ -47,10 +47,22 @@ pub const FILE: &str = "checks.json";
 /// Why the check set could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The file exists but could not be read (or, when corrupt, set aside).
     #[error("reading {path}: {message}")]
-    Read { path: String, message: String },
+    Read {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The file could not be written.
     #[error("writing {path}: {message}")]
-    Write { path: String, message: String },
+    Write {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// The set kept in `state_dir`, if any. A file that cannot be parsed is renamed to
@@ -114,9 +126,10 @@ pub struct Verdict {
 ///   `failure_threshold` failed runs while it stays failing take the next (staying on the
 ///   last).
 /// - More than `max_attempts` remediations within `window_secs` is a crash loop: the step
-///   is refused, and no remediation happens until the check turns `passing` again. The
-///   attempts themselves are remembered across failure episodes (a container that passes
-///   briefly after each restart is still crash-looping).
+///   is refused (reported, with [`Verdict::crash_loop`] set once), and every later step is
+///   refused and reported too until the check turns `passing` again. The attempts are
+///   remembered across failure episodes (a container that passes briefly after each
+///   restart is still crash-looping).
 /// - Every report carries the runs and failed runs since the previous one; a summary is
 ///   due [`SUMMARY_EVERY_SECS`] after the previous report.
 #[derive(Debug, Clone)]
@@ -211,26 +224,26 @@ impl Tracker {
 
         let mut verdict = Verdict::default();
         let mut refused = None;
-        if due && !self.remediation.steps.is_empty() && !self.crash_loop {
+        if due && !self.remediation.steps.is_empty() {
             self.failed_since_remediation = 0;
             let window_ms = self.remediation.window_secs.saturating_mul(1000);
             while self.attempts.front().is_some_and(|at| now_ms.saturating_sub(*at) >= window_ms) {
                 self.attempts.pop_front();
             }
-            if self.attempts.len() >= self.remediation.max_attempts as usize {
+            let step = &self.remediation.steps[self.rung.min(self.remediation.steps.len() - 1)];
+            if self.crash_loop {
+                // Each remediation the check would have had is reported as refused.
+                refused = Some(format!("crash loop: not taking \"{}\" until the check passes again", step.describe()));
+            } else if self.attempts.len() >= self.remediation.max_attempts as usize {
                 self.crash_loop = true;
-                let message = format!(
-                    "check {}: {} remediations within {}s; stopped remediating until the check passes again",
-                    self.name,
-                    self.attempts.len(),
-                    self.remediation.window_secs
-                );
-                refused = Some(format!("crash loop: {} remediations within {}s, not remediating", self.attempts.len(), self.remediation.window_secs));
-                verdict.crash_loop = Some(message);
+                let (attempts, window) = (self.attempts.len(), self.remediation.window_secs);
+                refused =
+                    Some(format!("crash loop: {attempts} remediations within {window}s; not taking \"{}\" until the check passes again", step.describe()));
+                verdict.crash_loop =
+                    Some(format!("check {}: {attempts} remediations within {window}s; stopped remediating until the check passes again", self.name));
             } else {
                 self.attempts.push_back(now_ms);
-                let last = self.remediation.steps.len() - 1;
-                verdict.remediate = Some(self.remediation.steps[self.rung.min(last)].clone());
+                verdict.remediate = Some(step.clone());
                 self.rung = self.rung.saturating_add(1);
             }
         }
@@ -347,6 +360,22 @@ impl ErrorBudget {
 }
 
 impl Runner {
+    /// Send the report of a remediation and raise its `check.remediated` event.
+    fn remediated(&self, check: &str, action: &str, report: CheckReport, result: &Result<String, String>, errors: &mut ErrorBudget) {
+        let (severity, outcome) = match result {
+            Ok(_) => (Severity::Warning, "ok"),
+            Err(error) => {
+                warn!(check, action, %error, "remediation failed");
+                (Severity::Error, "failed")
+            }
+        };
+        let message = format!("check {check}: {}", report.remediation.as_deref().unwrap_or(action));
+        let attributes =
+            vec![("check".to_string(), check.to_string()), ("action".to_string(), action.to_string()), ("result".to_string(), outcome.to_string())];
+        self.send(vec![report], errors);
+        self.outbox.event(agent_event("check.remediated", severity, message, attributes));
+    }
+
     fn send(&self, reports: Vec<CheckReport>, errors: &mut ErrorBudget) {
         if reports.is_empty() {
             return;
@@ -513,7 +542,20 @@ async fn run_check(runner: Arc<Runner>, spec: CheckSpec, delay: Duration) {
                     runner.outbox.event(agent_event("check.crash_loop", Severity::Error, message, attributes));
                 }
                 if let Some(step) = verdict.remediate {
-                    remediate(&runner, &spec, &mut tracker, &step, limit, &mut errors, mono).await;
+                    let action = remediate::action(&step);
+                    warn!(check = %spec.name, action, step = %step.describe(), "remediating a failing check");
+                    let work = remediate::run(&step, &runner.prober, runner.deployer.as_ref(), limit);
+                    tokio::pin!(work);
+                    // A redeploy can take minutes: summaries go on meanwhile.
+                    let result = loop {
+                        let summary_at = origin + Duration::from_millis(tracker.summary_due_ms());
+                        tokio::select! {
+                            result = &mut work => break result,
+                            _ = tokio::time::sleep_until(summary_at) => runner.send(vec![tracker.summary(mono())], &mut errors),
+                        }
+                    };
+                    let report = tracker.remediated(mono(), &step, &result);
+                    runner.remediated(&spec.name, action, report, &result, &mut errors);
                 }
                 next_run += interval;
                 let now = Instant::now();
@@ -527,32 +569,6 @@ async fn run_check(runner: Arc<Runner>, spec: CheckSpec, delay: Duration) {
             }
         }
     }
-}
-
-async fn remediate(
-    runner: &Runner,
-    spec: &CheckSpec,
-    tracker: &mut Tracker,
-    step: &RemediationStep,
-    limit: Duration,
-    errors: &mut ErrorBudget,
-    mono: impl Fn() -> u64,
-) {
-    let action = remediate::action(step);
-    warn!(check = %spec.name, action, step = %step.describe(), "remediating a failing check");
-    let result = remediate::run(step, &runner.prober, runner.deployer.as_ref(), limit).await;
-    let report = tracker.remediated(mono(), step, &result);
-    let (severity, outcome) = match &result {
-        Ok(_) => (Severity::Warning, "ok"),
-        Err(error) => {
-            warn!(check = %spec.name, action, %error, "remediation failed");
-            (Severity::Error, "failed")
-        }
-    };
-    let message = format!("check {}: {}", spec.name, report.remediation.as_deref().unwrap_or(action));
-    let attributes = vec![("check".to_string(), spec.name.clone()), ("action".to_string(), action.to_string()), ("result".to_string(), outcome.to_string())];
-    runner.send(vec![report], errors);
-    runner.outbox.event(agent_event("check.remediated", severity, message, attributes));
 }
 
 #[cfg(test)]
@@ -599,9 +615,8 @@ mod tracker_tests {
         assert_eq!(at(&mut t, 5, false), Verdict::default());
         let failing = at(&mut t, 10, false);
         assert_eq!(t.state(), CheckState::Failing);
-        let report = &failing.reports[..];
-        assert_eq!(report.len(), 1);
-        let report = &report[0];
+        assert_eq!(failing.reports.len(), 1);
+        let report = &failing.reports[0];
         assert!(report.transition && !report.crash_loop && report.remediation.is_none());
         assert_eq!((report.state, report.since_unix_ms, report.runs, report.failures), (CheckState::Failing, WALL + 10_000, 3, 3));
         assert_eq!((report.name.as_str(), report.kind.as_str(), report.output.as_str(), report.latency_ms), ("web", "container", "down", 7));
@@ -685,11 +700,19 @@ mod tracker_tests {
         assert!(refused.crash_loop.as_deref().is_some_and(|m| m.contains("2 remediations within 60s")), "{refused:?}");
         let report = &refused.reports[0];
         assert!(report.crash_loop && !report.transition);
-        assert!(report.remediation.as_deref().is_some_and(|r| r.starts_with("crash loop")), "{report:?}");
-        // Refused once: later failures neither remediate nor report again, and summaries
-        // keep saying so.
-        assert_eq!(at(&mut t, 15, false), Verdict::default());
-        assert_eq!(at(&mut t, 20, false), Verdict::default());
+        assert_eq!(
+            report.remediation.as_deref(),
+            Some("crash loop: 2 remediations within 60s; not taking \"restart container web\" until the check passes again")
+        );
+        // Every later remediation point is refused and reported as such (the event is
+        // raised once), and summaries keep saying so.
+        for secs in [15, 20] {
+            let later = at(&mut t, secs, false);
+            assert_eq!((later.remediate, later.crash_loop), (None, None));
+            assert_eq!(later.reports.len(), 1);
+            assert!(later.reports[0].crash_loop && !later.reports[0].transition);
+            assert_eq!(later.reports[0].remediation.as_deref(), Some("crash loop: not taking \"restart container web\" until the check passes again"));
+        }
         assert!(t.summary(21_000).crash_loop);
 
         // Passing again ends the crash loop...

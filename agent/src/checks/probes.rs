@@ -75,7 +75,10 @@ impl Prober {
     /// The same prober trusting exactly `roots` for HTTPS checks instead of the system's
     /// CA bundle.
     pub fn with_https_roots(self, roots: RootCertStore) -> anyhow::Result<Prober> {
-        let config = ClientConfig::builder_with_provider(crate::tls::provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+        let config = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         *self.https.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(config));
         Ok(self)
     }
@@ -91,7 +94,7 @@ impl Prober {
         let result = match probe {
             // Exec bounds itself, so that it can kill the command and say so.
             Probe::Exec { command } => run_command(command, limit).await,
-            _ => match tokio::time::timeout(limit, self.probe(probe)).await {
+            _ => match tokio::time::timeout(limit, self.probe(probe, limit)).await {
                 Ok(result) => result,
                 Err(_) => Err(format!("timed out after {}", seconds(limit))),
             },
@@ -104,7 +107,7 @@ impl Prober {
         ProbeResult { passed, output: super::cap_output(&output), latency_ms }
     }
 
-    async fn probe(&self, probe: &Probe) -> Result<String, String> {
+    async fn probe(&self, probe: &Probe, limit: Duration) -> Result<String, String> {
         match probe {
             Probe::Http { url, expect_status, body_contains, max_latency_ms } => {
                 let tls = if url.starts_with("https://") { Some(self.https_config()?) } else { None };
@@ -115,7 +118,7 @@ impl Prober {
                 let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| format!("{host}:{port}"));
                 Ok(format!("connected to {peer}"))
             }
-            Probe::Exec { command } => run_command(command, Duration::from_secs(gantry_shared::checks::MAX_TIMEOUT_SECS)).await,
+            Probe::Exec { command } => run_command(command, limit).await,
             Probe::Container { name } => self.container(name).await,
             Probe::DiskFree { path, min_free_percent } => {
                 let (path, min) = (path.clone(), *min_free_percent);
@@ -498,7 +501,14 @@ struct AnyCertificate {
 }
 
 impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
 

@@ -27,6 +27,10 @@ impl Drop for TempDir {
     }
 }
 
+fn spool(dir: &Path) -> Outbox {
+    Outbox::new(Spool::open(&dir.join("spool"), SpoolConfig::default()).unwrap().0)
+}
+
 /// A runner over a spool in `dir`, with its stop switch.
 struct Harness {
     outbox: Outbox,
@@ -37,9 +41,12 @@ struct Harness {
 
 impl Harness {
     fn start(dir: &Path, outbox: Option<Outbox>) -> Harness {
-        let outbox = outbox.unwrap_or_else(|| Outbox::new(Spool::open(&dir.join("spool"), SpoolConfig::default()).unwrap().0));
+        Harness::with_deployer(dir, outbox.unwrap_or_else(|| spool(dir)), None)
+    }
+
+    fn with_deployer(dir: &Path, outbox: Outbox, deployer: Option<Deployer>) -> Harness {
         let (stop, stopped) = watch::channel(false);
-        let (checks, task) = start(dir.to_path_buf(), DockerConfig::default(), outbox.clone(), None, stopped);
+        let (checks, task) = start(dir.to_path_buf(), DockerConfig::default(), outbox.clone(), deployer, stopped);
         Harness { outbox, checks, task, stop }
     }
 
@@ -165,7 +172,8 @@ async fn a_check_that_stays_failing_stops_being_remediated_after_its_budget() {
         .wait_for("a crash loop report", Duration::from_secs(15), |r| r.iter().find(|(_, r)| r.name == "broken" && r.crash_loop).map(|(seq, _)| *seq))
         .await;
     let reports = harness.reports();
-    let taken = reports.iter().filter(|(seq, r)| *seq < refused && r.name == "broken" && r.remediation.as_deref().is_some_and(|t| t.starts_with("run true"))).count();
+    let taken =
+        reports.iter().filter(|(seq, r)| *seq < refused && r.name == "broken" && r.remediation.as_deref().is_some_and(|t| t.starts_with("run true"))).count();
     assert_eq!(taken, 2, "{reports:#?}");
     let crash = harness.events("check.crash_loop");
     assert_eq!(crash.len(), 1, "{crash:#?}");
@@ -210,10 +218,80 @@ async fn a_stopped_container_is_restarted_by_its_check() {
     let failed = reports.iter().find(|(seq, _)| *seq == failing).map(|(_, r)| r.output.clone()).unwrap();
     assert!(failed.contains("is not running (state exited"), "{failed}");
     assert!(
-        reports.iter().any(|(seq, r)| *seq > failing && *seq < passing && r.remediation.as_deref() == Some(&format!("restart container {name}: container {name} restarted"))),
+        reports.iter().any(|(seq, r)| *seq > failing
+            && *seq < passing
+            && r.remediation.as_deref() == Some(&format!("restart container {name}: container {name} restarted"))),
         "{reports:#?}"
     );
     let events = harness.events("check.remediated");
     assert!(events.iter().any(|e| e.attributes.contains(&("action".into(), "restart_container".into()))), "{events:#?}");
+    harness.stop().await;
+}
+
+/// Removes every container of a deployment when dropped, even when the test fails.
+struct DeploymentCleanup(String);
+
+impl Drop for DeploymentCleanup {
+    fn drop(&mut self) {
+        let filter = format!("label={}={}", gantry_shared::deploy::LABEL_DEPLOYMENT, self.0);
+        if let Ok(output) = std::process::Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output() {
+            for container in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+                let _ = std::process::Command::new("docker").args(["rm", "-f", "-v", container]).output();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_whose_check_fails_is_redeployed_from_fresh_containers() {
+    use crate::deployer::Command;
+    use gantry_shared::message::{DeployCommand, DeployState};
+    let Some(_docker) = docker().await else { return };
+    let dir = TempDir::new("redeploy");
+    let id = unique("redeploy");
+    let _cleanup = DeploymentCleanup(id.clone());
+    let outbox = spool(&dir.0);
+    let (_stop_deployer, deployer_stopped) = watch::channel(false);
+    let (deployer, _deployer_task) = crate::deployer::start(DockerConfig::default(), dir.0.clone(), String::new(), outbox.clone(), deployer_stopped);
+    let spec = serde_json::from_value(serde_json::json!({
+        "name": "web",
+        "services": [{
+            "name": "web", "image": crate::collector::docker::testing::IMAGE, "stop_grace_secs": 1,
+            "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
+        }],
+        "health_gate": {"min_healthy_secs": 1, "deadline_secs": 20}
+    }))
+    .unwrap();
+    let command = DeployCommand { deployment_id: id.clone(), revision: 1, spec, secrets: vec![], registry_auth: vec![] };
+    assert!(deployer.submit(Command::Deploy(Box::new(command))));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !deployer.snapshot().iter().any(|r| r.deployment_id == id && r.state == DeployState::Healthy) {
+        assert!(tokio::time::Instant::now() < deadline, "not deployed: {:?}", deployer.snapshot());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let name = crate::deploy::executor::container_name(&id, "web", 1);
+    let first = cli(&["inspect", "-f", "{{.Id}}", &name]);
+
+    let harness = Harness::with_deployer(&dir.0, outbox, Some(deployer));
+    let check = CheckSpec {
+        name: "shop".into(),
+        probe: Probe::Container { name: name.clone() },
+        interval_secs: 1,
+        timeout_secs: 1,
+        failure_threshold: 1,
+        success_threshold: 1,
+        remediation: Remediation { steps: vec![RemediationStep::Redeploy { deployment_id: id.clone() }], max_attempts: 3, window_secs: 600 },
+    };
+    harness.checks.submit(CheckSet { revision: 1, checks: vec![check] });
+    let up = harness.wait_for("shop passing", Duration::from_secs(15), |r| transition(r, "shop", CheckState::Passing, 0)).await;
+    cli(&["stop", "-t", "1", &name]);
+    let failing = harness.wait_for("shop failing", Duration::from_secs(15), |r| transition(r, "shop", CheckState::Failing, up)).await;
+    let passing = harness.wait_for("shop passing again", Duration::from_secs(45), |r| transition(r, "shop", CheckState::Passing, failing)).await;
+    let reports = harness.reports();
+    let expected = format!("redeploy last good revision of {id}: revision 1 of {id} runs again and is healthy");
+    assert!(reports.iter().any(|(seq, r)| *seq > failing && *seq < passing && r.remediation.as_deref() == Some(expected.as_str())), "{reports:#?}");
+    // A fresh container, not the stopped one started again.
+    assert!(running(&name));
+    assert_ne!(cli(&["inspect", "-f", "{{.Id}}", &name]), first);
     harness.stop().await;
 }

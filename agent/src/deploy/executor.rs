@@ -454,7 +454,12 @@ impl Executor {
         let specs: Vec<&RevisionSpec> = std::iter::once(&state.desired).chain(state.last_good.as_ref()).collect();
         for container in self.list_owned(id).await? {
             let revision = container.revision.unwrap_or(good.revision);
-            run.emit(revision, container.service.as_deref(), Step::Removing, format!("removing container {} to redeploy revision {}", container.name, good.revision));
+            run.emit(
+                revision,
+                container.service.as_deref(),
+                Step::Removing,
+                format!("removing container {} to redeploy revision {}", container.name, good.revision),
+            );
             if container.running {
                 self.stop(&container.id, grace_of(&container, &specs)).await;
             }

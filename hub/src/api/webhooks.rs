@@ -326,11 +326,7 @@ pub async fn deliveries(
 }
 
 /// One delivery with its attempts and the event it carries.
-pub async fn delivery(
-    State(hub): State<Arc<Hub>>,
-    principal: Principal,
-    Path((org, id, delivery)): Path<(String, String, String)>,
-) -> ApiResult<Json<Value>> {
+pub async fn delivery(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id, delivery)): Path<(String, String, String)>) -> ApiResult<Json<Value>> {
     let (_, delivery) = find_delivery(&hub, &principal, &org, &id, &delivery)?;
     let mut view = delivery_view(&delivery);
     if let Some(event) = hub.store.webhook_event(&delivery.event_id)? {
@@ -341,11 +337,7 @@ pub async fn delivery(
 }
 
 /// Send a delivery's event again, as a new delivery with the same event id, at once.
-pub async fn redeliver(
-    State(hub): State<Arc<Hub>>,
-    principal: Principal,
-    Path((org, id, delivery)): Path<(String, String, String)>,
-) -> ApiResult<Response> {
+pub async fn redeliver(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id, delivery)): Path<(String, String, String)>) -> ApiResult<Response> {
     let (webhook, original) = find_delivery(&hub, &principal, &org, &id, &delivery)?;
     if !webhook.enabled {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("webhook {id} is disabled; enable it to redeliver")));

@@ -350,6 +350,28 @@ impl Store {
         Ok(saved)
     }
 
+    /// Remove every queue entry of delivery `id` unless it is pending (entries of finished or
+    /// deleted deliveries; none should exist, but one would otherwise be picked forever).
+    pub fn unqueue_webhook_delivery(&self, id: &str) -> Result<(), Error> {
+        let t = &self.webhooks;
+        let keys: Vec<sled::IVec> =
+            t.queue.iter().keys().filter(|k| k.as_ref().map_or(true, |k| parse_queue_key(k).is_some_and(|(_, i)| i == id))).collect::<Result<_, _>>()?;
+        let result = (&t.deliveries, &t.queue).transaction(|(deliveries, queue)| {
+            if let Some(raw) = deliveries.get(id.as_bytes())? {
+                let delivery: WebhookDelivery = decode("webhook delivery", &raw).map_err(abort)?;
+                if delivery.status == DeliveryStatus::Pending {
+                    return Ok(());
+                }
+            }
+            for key in &keys {
+                queue.remove(key)?;
+            }
+            Ok(())
+        });
+        finish(result)?;
+        self.durable()
+    }
+
     /// Delete finished deliveries created before `cut_ms`, and events created before it
     /// that no pending delivery still needs. Returns how many records went.
     pub fn prune_webhook_deliveries(&self, cut_ms: i64) -> Result<usize, Error> {
@@ -472,6 +494,14 @@ mod tests {
         assert!(store.webhook_delivery("dlv_a").unwrap().is_none());
         assert!(!store.save_webhook_delivery(&a).unwrap(), "a delivery of a deleted endpoint is not written back");
         assert!(!store.delete_webhook("acme", "whk_1").unwrap());
+
+        // A queue entry left without its pending delivery can be cleared; a pending one stays.
+        store.enqueue_webhook_deliveries(None, &[delivery("dlv_c", "whk_2", "evt_1", 300)]).unwrap();
+        store.unqueue_webhook_delivery("dlv_c").unwrap();
+        assert_eq!(store.pending_webhook_deliveries(), 1, "pending: kept");
+        store.webhooks.deliveries.remove("dlv_c").unwrap();
+        store.unqueue_webhook_delivery("dlv_c").unwrap();
+        assert_eq!(store.pending_webhook_deliveries(), 0);
     }
 
     #[test]
