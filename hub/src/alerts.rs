@@ -279,6 +279,15 @@ fn alert_json(alert: &Alert) -> serde_json::Value {
     })
 }
 
+/// Order of severities, for escalation.
+fn rank(severity: &str) -> u8 {
+    match severity {
+        "critical" => 2,
+        "warning" => 1,
+        _ => 0,
+    }
+}
+
 /// Reconcile one org's open alerts with the conditions that hold now.
 pub fn evaluate_org(hub: &Hub, org: &str, now_ms: i64) -> Result<(), crate::store::Error> {
     let rules = hub.store.alert_rules(org)?;
@@ -300,7 +309,24 @@ pub fn evaluate_org(hub: &Hub, org: &str, now_ms: i64) -> Result<(), crate::stor
             }
         }
     }
+    let open: HashMap<String, Alert> = hub.store.open_alerts_of_org(org)?.into_iter().map(|a| (a.key.clone(), a)).collect();
     for condition in holding {
+        if let Some(existing) = open.get(&condition.key) {
+            // Still the same alert; its text and severity follow the condition (a failing
+            // check whose remediation budget is spent becomes critical, and that is news).
+            if existing.severity != condition.severity || existing.summary != condition.summary {
+                let escalated = rank(condition.severity) > rank(&existing.severity);
+                hub.store.update_alert(org, &existing.id, |a| {
+                    a.severity = condition.severity.to_string();
+                    a.summary = condition.summary.clone();
+                    a.updated_at_ms = now_ms;
+                    if escalated {
+                        a.notified = false;
+                    }
+                })?;
+            }
+            continue;
+        }
         let alert = Alert {
             id: format!("alr_{:013x}{}", now_ms.max(0), crate::auth::random_hex(4)),
             org: org.to_string(),
