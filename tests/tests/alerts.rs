@@ -221,3 +221,43 @@ async fn invalid_check_configurations_get_a_precise_400_and_change_nothing() {
 async fn org_key(hub: &TestHub, org: &str) -> String {
     gantry_hub::auth::create_api_key(&hub.hub, "test", Some(org.to_string()), "test").unwrap().1
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_holds_back_notifications_until_it_is_deleted() {
+    let dir = TempDir::new("alert-silence");
+    let hub = TestHub::start(&dir.path().join("hub"), fast).await;
+    hub.create_org("acme", 10).await;
+    let api = hub.api();
+    let (code, body) = put(&api, "/api/v1/orgs/acme/alert-rules", &json!({ "offline_after_secs": 1, "restart_grace_secs": 0 })).await;
+    assert_eq!(code, 200, "{body}");
+    let hook = webhook(&api, "acme").await;
+    let token = hub.token("acme", 1, "10m").await;
+    let state = dir.path().join("agent");
+    let id = enroll(&token, &state).await.unwrap();
+    let (code, silence) = api.post("/api/v1/orgs/acme/silences", &json!({ "agent": id, "rule": "agent_offline", "duration": "1h", "reason": "maintenance" })).await;
+    assert_eq!(code, 201, "{silence}");
+    assert_eq!(silence["active"], true);
+    let mut agent = AgentProcess::start(&state);
+    hub.wait_status(&id, "online", Duration::from_secs(10)).await;
+    agent.kill9().await;
+    let fired = wait_for(Duration::from_secs(30), "the silenced alert", || async { alerts(&api, "acme", "firing").await.into_iter().next() }).await;
+    assert_eq!(fired["silenced"], true, "{fired}");
+    assert_eq!(fired["notified"], false, "{fired}");
+    let before = evaluations(&api).await;
+    wait_for(Duration::from_secs(20), "more evaluations", || async { (evaluations(&api).await >= before + 3).then_some(()) }).await;
+    assert_eq!(delivered(&api, "acme", &hook).await, ["agent.enrolled"], "silenced: nobody is told");
+
+    let (code, _, _) = api.send("DELETE", &format!("/api/v1/orgs/acme/silences/{}", silence["id"].as_str().unwrap()), None, vec![]).await;
+    assert_eq!(code, 204);
+    let events = wait_for(Duration::from_secs(20), "the held-back notification", || async {
+        let events = delivered(&api, "acme", &hook).await;
+        (events.len() >= 3).then_some(events)
+    })
+    .await;
+    assert_eq!(events, ["agent.enrolled", "alert.firing", "agent.offline"]);
+    let (code, acked) = api.post(&format!("/api/v1/orgs/acme/alerts/{}/acknowledge", fired["id"].as_str().unwrap()), &json!({})).await;
+    assert_eq!(code, 200, "{acked}");
+    assert_eq!(acked["status"], "acknowledged");
+    assert_eq!(alerts(&api, "acme", "acknowledged").await.len(), 1);
+    hub.stop().await;
+}
