@@ -105,7 +105,11 @@ impl Metrics {
         counter("gantry_retention_pruned_total", "Telemetry entries deleted by retention.", &self.retention_pruned);
         counter("gantry_webhook_delivery_attempts_total", "Webhook delivery attempts made, whatever their outcome.", &self.webhook_attempts);
         counter("gantry_webhook_deliveries_succeeded_total", "Webhook deliveries answered with 2xx.", &self.webhook_deliveries_succeeded);
-        counter("gantry_webhook_deliveries_failed_total", "Webhook deliveries given up on (retries exhausted, endpoint disabled or deleted).", &self.webhook_deliveries_failed);
+        counter(
+            "gantry_webhook_deliveries_failed_total",
+            "Webhook deliveries given up on (retries exhausted, endpoint disabled or deleted).",
+            &self.webhook_deliveries_failed,
+        );
         let _ = writeln!(
             out,
             "# HELP gantry_webhook_deliveries_pending Webhook deliveries waiting for an attempt.\n# TYPE gantry_webhook_deliveries_pending gauge\ngantry_webhook_deliveries_pending {}",

@@ -234,7 +234,8 @@ async fn a_silence_holds_back_notifications_until_it_is_deleted() {
     let token = hub.token("acme", 1, "10m").await;
     let state = dir.path().join("agent");
     let id = enroll(&token, &state).await.unwrap();
-    let (code, silence) = api.post("/api/v1/orgs/acme/silences", &json!({ "agent": id, "rule": "agent_offline", "duration": "1h", "reason": "maintenance" })).await;
+    let (code, silence) =
+        api.post("/api/v1/orgs/acme/silences", &json!({ "agent": id, "rule": "agent_offline", "duration": "1h", "reason": "maintenance" })).await;
     assert_eq!(code, 201, "{silence}");
     assert_eq!(silence["active"], true);
     let mut agent = AgentProcess::start(&state);
