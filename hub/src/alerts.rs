@@ -39,13 +39,16 @@ pub struct Counters {
     pub evaluations: AtomicU64,
 }
 
+/// Latest `disk.used_percent` per mount: `(percent, reported at)`.
+type MountReadings = HashMap<String, (f64, i64)>;
+
 /// What alert rules need besides the store, and the alert task's wake-up.
 #[derive(Debug)]
 pub struct Health {
     /// When this hub process started serving (grace for `agent_offline` after a restart).
     started_ms: AtomicI64,
-    /// Latest `disk.used_percent` per agent and mount: `(percent, reported at)`.
-    disk: Mutex<HashMap<String, HashMap<String, (f64, i64)>>>,
+    /// Latest disk readings per agent.
+    disk: Mutex<HashMap<String, MountReadings>>,
     /// When each agent last reported records dropped from a full spool.
     drops: Mutex<HashMap<String, i64>>,
     /// Wakes the alert task early (a check report arrived).

@@ -322,7 +322,7 @@ fn smaps_by_mapping(pid: u32) -> (BTreeMap<String, u64>, Vec<(u64, u64)>) {
             }
         }
     }
-    anon.sort_by(|a, b| b.1.cmp(&a.1));
+    anon.sort_by_key(|a| std::cmp::Reverse(a.1));
     anon.truncate(8);
     (by_name, anon)
 }
