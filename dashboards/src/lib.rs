@@ -55,7 +55,12 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-const STYLE: &str = "
+/// Where the hub serves [`STYLESHEET`]. Pages link it rather than inline it, so the hub's
+/// Content Security Policy needs no `'unsafe-inline'`.
+pub const STYLESHEET_PATH: &str = "/assets/gantry.css";
+
+/// The dashboard's stylesheet.
+pub const STYLESHEET: &str = "
 :root { --bg:#f6f7f9; --fg:#16181d; --muted:#5b6170; --accent:#1f5fd1; --ok:#137333; --bad:#a50e0e; --card:#fff; }
 * { box-sizing: border-box; }
 body { margin:0; font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif; background:var(--bg); color:var(--fg); }
@@ -76,7 +81,7 @@ button { margin-top:1rem; padding:.5rem 1rem; font:inherit; background:var(--acc
 
 fn page(title: &str, body: &str) -> String {
     format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{} · Gantry</title><style>{STYLE}</style></head><body>{body}</body></html>",
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{} · Gantry</title><link rel=\"stylesheet\" href=\"{STYLESHEET_PATH}\"></head><body>{body}</body></html>",
         escape(title)
     )
 }

@@ -1,4 +1,5 @@
-//! Command line of `gantry-hub`: `init`, `serve`, `quickstart` and `token create`.
+//! Command line of `gantry-hub`: `init`, `serve`, `quickstart`, `token create`, `deploy`
+//! and `audit verify`.
 //!
 //! Parses flags, loads the config once, sets up logging and calls the library. `token
 //! create` talks to a running hub over its HTTP API (the store is locked by the server), with
@@ -64,6 +65,23 @@ enum Command {
     Deploy {
         #[command(subcommand)]
         command: DeployCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk the audit log's hash chain and report the first entry that was modified,
+    /// removed or reordered (exit 1), or that it is intact (exit 0). Reads the store
+    /// directly: stop the hub first.
+    Verify {
+        /// Data directory of the (stopped) hub.
+        #[arg(long, env = "GANTRY_DATA", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
     },
 }
 
@@ -163,7 +181,8 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(2)
+            // A broken audit chain is a finding, not a failure to run: exit 1 as documented.
+            ExitCode::from(if error.is::<crate::audit::ChainBroken>() { 1 } else { 2 })
         }
     }
 }
@@ -206,6 +225,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Quickstart(flags) => quickstart(flags).await,
         Command::Deploy { command } => deploy(command).await,
+        Command::Audit { command: AuditCommand::Verify { data } } => {
+            println!("{}", crate::audit::verify_data_dir(&data)?);
+            Ok(())
+        }
         Command::Token { command: TokenCommand::Create { org, ttl, uses, labels, url, data } } => {
             let key = match env("GANTRY_API_KEY") {
                 Some(key) => key,

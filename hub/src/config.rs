@@ -81,6 +81,105 @@ pub struct Config {
     pub webhook_retry_base_ms: u64,
     /// QUIC transport limits.
     pub quic: QuicLimits,
+    /// HTTP API rate limits and login throttling.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Rate limits of the HTTP API (`/api/v1/*`; the probes, `/metrics` and the dashboard
+/// pages are not limited) and failed-login throttling. Counters live in memory, so a
+/// restart resets them. A request over a limit answers 429 with `Retry-After`.
+///
+/// A request with a known API key counts against that key's bucket and, for an org's key,
+/// also its org's (shared by all of the org's keys); a request with a login session counts
+/// against that session; anything else (no credential, or one the hub does not know)
+/// counts against the client's IP address. Operators' keys and sessions act for the whole
+/// platform, so they are exempt by default (`operator_per_sec = 0`); set it to give them
+/// their own per-credential limit instead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Apply the limits and the login throttle at all.
+    pub enabled: bool,
+    /// Requests per second each API key or login session may make on average.
+    pub per_key_per_sec: u32,
+    /// Requests an idle API key or session may make at once, above its rate.
+    pub per_key_burst: u32,
+    /// Requests per second all of one org's API keys may make together.
+    pub per_org_per_sec: u32,
+    /// Requests an idle org's keys may make at once, above its rate.
+    pub per_org_burst: u32,
+    /// Requests per second one client IP address may make without a valid credential.
+    /// The address is the TCP peer's: behind a reverse proxy every client shares the
+    /// proxy's (forwarded-for headers are not believed), so raise this there.
+    pub per_ip_per_sec: u32,
+    /// Requests an idle address may make at once without a valid credential.
+    pub per_ip_burst: u32,
+    /// Requests per second each operator key or session may make; 0 exempts operators.
+    pub operator_per_sec: u32,
+    /// Burst of each operator key or session when `operator_per_sec` is set.
+    pub operator_burst: u32,
+    /// Failed logins of one account (email) within `login_window_secs` after which further
+    /// attempts are refused, without checking the password, until the window ends. A
+    /// successful login clears the account's count.
+    pub login_failures_per_account: u32,
+    /// Failed logins from one client IP address (any accounts) within `login_window_secs`
+    /// after which further attempts from it are refused until the window ends.
+    pub login_failures_per_ip: u32,
+    /// Length of the failed-login window, in seconds; it starts at the first failure.
+    pub login_window_secs: u64,
+    /// Most keys, orgs, addresses or accounts tracked per limiter; beyond it idle entries
+    /// (and then the least recently active) are forgotten, bounding memory.
+    pub max_tracked: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            enabled: true,
+            per_key_per_sec: 20,
+            per_key_burst: 100,
+            per_org_per_sec: 50,
+            per_org_burst: 200,
+            per_ip_per_sec: 10,
+            per_ip_burst: 50,
+            operator_per_sec: 0,
+            operator_burst: 200,
+            login_failures_per_account: 5,
+            login_failures_per_ip: 20,
+            login_window_secs: 15 * 60,
+            max_tracked: 100_000,
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// Every rule the values break.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let rates = [
+            ("per_key_per_sec", self.per_key_per_sec),
+            ("per_key_burst", self.per_key_burst),
+            ("per_org_per_sec", self.per_org_per_sec),
+            ("per_org_burst", self.per_org_burst),
+            ("per_ip_per_sec", self.per_ip_per_sec),
+            ("per_ip_burst", self.per_ip_burst),
+            ("operator_burst", self.operator_burst),
+            ("login_failures_per_account", self.login_failures_per_account),
+            ("login_failures_per_ip", self.login_failures_per_ip),
+        ];
+        for (name, value) in rates {
+            if value == 0 {
+                errors.push(format!("rate_limit.{name} must be at least 1"));
+            }
+        }
+        if self.login_window_secs == 0 {
+            errors.push("rate_limit.login_window_secs must be at least 1".to_string());
+        }
+        if self.max_tracked < 100 {
+            errors.push("rate_limit.max_tracked must be at least 100".to_string());
+        }
+        errors
+    }
 }
 
 /// QUIC limits, set explicitly rather than left to library defaults.
@@ -151,6 +250,7 @@ impl Default for Config {
             secrets_key_file: None,
             webhook_retry_base_ms: DEFAULT_WEBHOOK_RETRY_BASE_MS,
             quic: QuicLimits::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -270,6 +370,7 @@ impl Config {
                 errors.push(format!("public_addr {addr:?} must be HOST:PORT"));
             }
         }
+        errors.extend(self.rate_limit.validate());
         errors
     }
 
@@ -310,6 +411,18 @@ mod tests {
         let config: Config = toml::from_str(include_str!("../../deploy/hub.example.toml")).unwrap();
         assert!(config.validate().is_empty(), "{:?}", config.validate());
         assert_eq!(config.public_addr.as_deref(), Some("hub.example.com:7443"));
+    }
+
+    #[test]
+    fn rate_limits_that_would_refuse_everything_are_refused() {
+        let mut config = Config::default();
+        config.rate_limit.per_key_per_sec = 0;
+        config.rate_limit.login_window_secs = 0;
+        let errors = config.validate();
+        assert!(errors.iter().any(|e| e.contains("rate_limit.per_key_per_sec")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("rate_limit.login_window_secs")), "{errors:?}");
+        config.rate_limit = RateLimitConfig { operator_per_sec: 0, ..RateLimitConfig::default() };
+        assert!(config.validate().is_empty(), "operators may be exempt: {:?}", config.validate());
     }
 
     #[test]

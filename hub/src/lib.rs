@@ -7,6 +7,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod checks;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod orchestrator;
 pub mod pki;
+pub mod ratelimit;
 pub mod registry;
 pub mod retention;
 pub mod secrets;
@@ -49,6 +51,8 @@ pub struct Hub {
     pub secret_box: secrets::SecretBox,
     pub registry: registry::Registry,
     pub metrics: metrics::Metrics,
+    /// API rate limits and login throttling (in memory; a restart resets them).
+    pub limiter: ratelimit::Limiter,
     /// `HOST:PORT` written into enrollment tokens.
     pub public_addr: String,
     /// Rolling rollouts in progress, by deployment id (rebuilt as changes are made).
@@ -90,6 +94,7 @@ impl Hub {
 
     /// A hub over an opened store and PKI, with empty in-memory state.
     fn assemble(config: Config, store: store::Store, pki: pki::Pki, secret_box: secrets::SecretBox, public_addr: String) -> Hub {
+        let limiter = ratelimit::Limiter::new(&config.rate_limit);
         Hub {
             config,
             store,
@@ -97,6 +102,7 @@ impl Hub {
             secret_box,
             registry: registry::Registry::default(),
             metrics: metrics::Metrics::default(),
+            limiter,
             public_addr,
             live: tokio::sync::broadcast::channel(ingest::LIVE_BUFFER).0,
             health: alerts::Health::new(wall_ms()),

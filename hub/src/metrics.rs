@@ -24,6 +24,10 @@ pub struct Metrics {
     pub agents_revoked: AtomicU64,
     pub http_requests: AtomicU64,
     pub logins_failed: AtomicU64,
+    /// API requests refused with 429 by a rate limit.
+    pub http_rate_limited: AtomicU64,
+    /// Login attempts refused with 429, unchecked, by the failed-login throttle.
+    pub logins_throttled: AtomicU64,
     pub retention_runs: AtomicU64,
     pub retention_pruned: AtomicU64,
     pub retention_last_run_ms: AtomicU64,
@@ -101,6 +105,8 @@ impl Metrics {
         counter("gantry_agents_revoked_total", "Agents revoked by operators.", &self.agents_revoked);
         counter("gantry_http_requests_total", "HTTP requests served.", &self.http_requests);
         counter("gantry_logins_failed_total", "Failed login attempts.", &self.logins_failed);
+        counter("gantry_http_rate_limited_total", "API requests refused with 429 by a rate limit.", &self.http_rate_limited);
+        counter("gantry_logins_throttled_total", "Login attempts refused with 429 after too many failures.", &self.logins_throttled);
         counter("gantry_retention_runs_total", "Runs of the retention pruner.", &self.retention_runs);
         counter("gantry_retention_pruned_total", "Telemetry entries deleted by retention.", &self.retention_pruned);
         counter("gantry_webhook_delivery_attempts_total", "Webhook delivery attempts made, whatever their outcome.", &self.webhook_attempts);

@@ -153,6 +153,7 @@ pub fn report(hub: &Hub, agent_id: &str, org: &str, report: DeployReport) {
         return warn!(deployment = %report.deployment_id, "report about another org's deployment ignored");
     }
     info!(deployment = %report.deployment_id, revision = report.revision, state = ?report.state, "deployment report");
+    crate::audit::deploy_report(hub, agent_id, org, &report);
     let status = AgentDeployStatus { revision: report.revision, state: report.state, message: report.message, updated_at_ms: crate::wall_ms() };
     let previous = hub.store.deploy_status(&report.deployment_id, agent_id).ok().flatten();
     if let Err(error) = hub.store.set_deploy_status(&report.deployment_id, agent_id, &status) {

@@ -122,6 +122,20 @@ async fn deploy_roll_back_converge_and_remove() {
     assert_eq!(status, 200);
     wait_state(&api, &id, &agent_id, 3, "removed").await;
     assert!(containers_of(&id).is_empty());
+
+    // The audit log has the orders (API calls, in the deployment's org) and the reports.
+    let (_, audit) = api.get("/api/v1/orgs/acme/audit?limit=1000").await;
+    let entries = audit["entries"].as_array().unwrap();
+    let delete = entries.iter().find(|e| e["action"] == "DELETE /api/v1/deployments/{id}").expect("delete audited");
+    assert_eq!((&delete["target"]["id"], &delete["outcome"]), (&json!(id), &json!("200")));
+    let reports: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e["action"] == "deploy.report" && e["actor"] == format!("agent:{agent_id}") && e["target"]["deployment"] == id.as_str())
+        .map(|e| (e["target"]["revision"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    for expected in [("1", "healthy"), ("2", "rolled_back to 1"), ("3", "healthy"), ("3", "removed")] {
+        assert!(reports.contains(&expected), "{expected:?} missing from the audited reports {reports:?}");
+    }
     hub.stop().await;
 }
 

@@ -6,8 +6,11 @@
 //! exist. Errors have one JSON shape, `{"error": {"code", "message"}}`, with stable codes
 //! and no internals. Bodies are size-capped and validated before anything is written.
 
+mod audit;
 mod deployments;
+mod headers;
 mod health;
+mod limits;
 mod secrets;
 mod webhooks;
 
@@ -36,11 +39,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429 answers).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after_secs: None }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -73,7 +78,7 @@ impl From<store::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
-        (self.status, body).into_response()
+        limits::with_retry_after((self.status, body).into_response(), self.retry_after_secs)
     }
 }
 
@@ -116,7 +121,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
     }
 }
 
-fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The value of cookie `name`, if the request sent it.
+pub(crate) fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -136,12 +142,16 @@ impl FromRequestParts<Arc<Hub>> for Principal {
     async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> Result<Self, Self::Rejection> {
         let bearer = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
         if let Some(text) = bearer {
-            return auth::principal_from_api_key(hub, text)?.ok_or_else(ApiError::unauthorized);
+            let principal = auth::principal_from_api_key(hub, text)?.ok_or_else(ApiError::unauthorized)?;
+            crate::audit::note_principal(&parts.extensions, &principal);
+            return Ok(principal);
         }
         let Some(value) = cookie_value(&parts.headers, SESSION_COOKIE) else {
             return Err(ApiError::unauthorized());
         };
         let principal = auth::principal_from_session(hub, &value)?.ok_or_else(ApiError::unauthorized)?;
+        // A request refused below is still recorded as this caller's.
+        crate::audit::note_principal(&parts.extensions, &principal);
         if !parts.method.is_safe() && !is_json(&parts.headers) && !same_origin(&parts.headers) {
             return Err(ApiError::forbidden("cross-site request refused (CSRF protection)"));
         }
@@ -320,23 +330,25 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/orgs/{org}/alert-rules", get(health::get_rules).put(health::put_rules))
         .route("/api/v1/orgs/{org}/logs", get(org_logs))
         .route("/api/v1/orgs/{org}/events", get(org_events))
+        .route("/api/v1/orgs/{org}/audit", get(audit::org_log))
+        .route("/api/v1/audit", get(audit::all))
         .route("/", get(dashboard))
         .route("/login", get(login_page).post(login_form))
+        .route(headers::STYLESHEET_PATH, get(headers::stylesheet))
         .route("/logout", post(logout_form))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method") })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(hub.clone(), limits::rate_limit))
         .layer(axum::middleware::from_fn_with_state(hub.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(hub.clone(), crate::audit::record_requests))
         .with_state(hub)
 }
 
 async fn count_requests(State(hub): State<Arc<Hub>>, request: Request, next: axum::middleware::Next) -> Response {
     Metrics::inc(&hub.metrics.http_requests);
     let mut response = next.run(request).await;
-    let headers = response.headers_mut();
-    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    headers.insert("referrer-policy", HeaderValue::from_static("same-origin"));
-    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers::security_headers(response.headers_mut(), headers::SERVES_TLS);
     response
 }
 
@@ -372,22 +384,25 @@ fn session_cookie(hub: &Hub, value: &str, max_age_secs: u64) -> HeaderValue {
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-async fn check_login(hub: &Arc<Hub>, email: String, password: String) -> ApiResult<store::User> {
+async fn check_login(hub: &Arc<Hub>, ip: Option<std::net::IpAddr>, email: String, password: String) -> ApiResult<store::User> {
     if email.len() > 254 || password.len() > auth::MAX_PASSWORD_BYTES {
         return Err(ApiError::bad_request("email or password too long"));
     }
+    let account = email.trim().to_lowercase();
+    limits::login_allowed(hub, &account, ip)?;
     let worker = hub.clone();
     let user = tokio::task::spawn_blocking(move || auth::login(&worker, &email, &password))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "login failed"))??;
+    limits::login_outcome(hub, &account, ip, user.is_some());
     user.ok_or_else(|| {
         Metrics::inc(&hub.metrics.logins_failed);
         ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "email or password is wrong")
     })
 }
 
-async fn login(State(hub): State<Arc<Hub>>, ApiJson(body): ApiJson<LoginRequest>) -> ApiResult<Response> {
-    let user = check_login(&hub, body.email, body.password).await?;
+async fn login(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::ClientIp, ApiJson(body): ApiJson<LoginRequest>) -> ApiResult<Response> {
+    let user = check_login(&hub, ip, body.email, body.password).await?;
     let value = auth::start_session(&hub, &user)?;
     let cookie = session_cookie(&hub, &value, hub.config.session_absolute_timeout_secs);
     let body = Json(json!({ "user": { "id": user.id, "email": user.email, "operator": user.operator } }));
@@ -950,8 +965,8 @@ struct LoginForm {
     password: String,
 }
 
-async fn login_form(State(hub): State<Arc<Hub>>, Form(form): Form<LoginForm>) -> Response {
-    match check_login(&hub, form.email, form.password).await {
+async fn login_form(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::ClientIp, Form(form): Form<LoginForm>) -> Response {
+    match check_login(&hub, ip, form.email, form.password).await {
         Ok(user) => match auth::start_session(&hub, &user) {
             Ok(value) => {
                 let cookie = session_cookie(&hub, &value, hub.config.session_absolute_timeout_secs);
@@ -959,7 +974,10 @@ async fn login_form(State(hub): State<Arc<Hub>>, Form(form): Form<LoginForm>) ->
             }
             Err(e) => ApiError::from(e).into_response(),
         },
-        Err(error) => (error.status, Html(gantry_dashboards::login_page(Some(&error.message)))).into_response(),
+        Err(error) => {
+            let page = (error.status, Html(gantry_dashboards::login_page(Some(&error.message)))).into_response();
+            limits::with_retry_after(page, error.retry_after_secs)
+        }
     }
 }
 

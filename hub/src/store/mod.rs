@@ -15,6 +15,7 @@ use sled::Transactional;
 use std::path::Path;
 
 mod alerts;
+mod audit;
 mod checks;
 mod deployments;
 mod secrets;
@@ -22,6 +23,7 @@ mod segments;
 mod telemetry;
 mod webhooks;
 pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
+pub use audit::{entry_hash, verify_chain, AuditEntry, AuditFilter, AuditPage, AuditVerdict, Head as AuditHead, NewAuditEntry, AUDIT_SCAN_LIMIT, GENESIS_HASH};
 pub use checks::{CheckConfig, CheckScope, CheckStatus};
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
 pub use secrets::{StoredRegistry, StoredSecret};
@@ -237,6 +239,8 @@ pub struct Store {
     checks: checks::Trees,
     /// Alerts, silences and alert rules: see `alerts.rs`.
     alerts: alerts::Trees,
+    /// The hash-chained audit log: see `audit.rs`.
+    audit: audit::Trees,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -322,6 +326,7 @@ impl Store {
             webhooks: webhooks::Trees::open(&db)?,
             checks: checks::Trees::open(&db)?,
             alerts: alerts::Trees::open(&db)?,
+            audit: audit::Trees::open(&db)?,
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
             users: db.open_tree("users")?,
