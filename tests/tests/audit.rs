@@ -1,8 +1,8 @@
 //! The audit log as users meet it: every mutating API call (and a failed login) leaves
 //! exactly one entry naming the caller, org, route, status, request id and address; reads
 //! leave none; another org cannot read it; it exports as JSON lines; and
-//! `gantry-hub audit verify` on the stopped hub's data directory passes an untouched log and
-//! names the entry someone edited.
+//! `gantry-hub audit verify` refuses a running hub's data directory, passes an untouched
+//! log once the hub is stopped and names the entry someone edited.
 
 #![allow(clippy::unwrap_used)]
 
