@@ -88,7 +88,8 @@ pub fn record_reports(hub: &Hub, agent_id: &str, records: &[Record], previous_ma
             continue;
         }
         Metrics::inc(&hub.health.counters.check_reports);
-        if report.remediation.is_some() {
+        // A report in a crash loop names the remediation it refused, not one it took.
+        if report.remediation.is_some() && !report.crash_loop {
             Metrics::inc(&hub.health.counters.remediations);
         }
         let previous = hub.store.check_status(agent_id, &report.name).ok().flatten();

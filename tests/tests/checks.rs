@@ -148,6 +148,10 @@ async fn a_crash_looping_container_stops_being_restarted_and_an_alert_fires() {
     .await;
     assert_eq!(started_at(&name), started, "not restarted again");
     assert_eq!(remediations(&api, &id, "api").await, 2);
+    let (_, _, metrics) = api.anonymous().send("GET", "/metrics", None, vec![]).await;
+    assert!(metrics.lines().any(|l| l == "gantry_checks{state=\"failing\"} 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "gantry_check_remediations_total 2"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "gantry_alerts_open{status=\"firing\"} 1"), "{metrics}");
 
     // Acknowledged, it stays open until the condition clears; deleting the check clears it.
     let (code, acked) = api.post(&format!("/api/v1/orgs/acme/alerts/{}/acknowledge", alert["id"].as_str().unwrap()), &json!({})).await;
