@@ -137,7 +137,7 @@ pub fn agents_page(view: &AgentsView) -> String {
 pub fn login_page(error: Option<&str>) -> String {
     let error = error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))).unwrap_or_default();
     let body = format!(
-        "<form class=\"login\" method=\"post\" action=\"/login\"><h1>Sign in to Gantry</h1>{error}<label for=\"email\">Email</label><input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"username\" required><label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required><button type=\"submit\">Sign in</button></form>"
+        "<form class=\"login\" method=\"post\" action=\"/login\"><h1>Sign in to Gantry</h1>{error}<label for=\"email\">Email</label><input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"username\" required><label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required><label for=\"code\">Authenticator code <small>(if two-factor login is on)</small></label><input id=\"code\" name=\"code\" type=\"text\" inputmode=\"numeric\" maxlength=\"7\" autocomplete=\"one-time-code\"><button type=\"submit\">Sign in</button></form>"
     );
     page("Sign in", &body)
 }
@@ -177,5 +177,6 @@ mod tests {
         assert!(html.contains("No organisations yet"));
         let html = login_page(Some("email or password is wrong"));
         assert!(html.contains("role=\"alert\""));
+        assert!(html.contains("name=\"code\"") && html.contains("autocomplete=\"one-time-code\""), "the form asks for a two-factor code");
     }
 }

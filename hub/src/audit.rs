@@ -13,11 +13,11 @@
 //! Handlers do not call this module: adding a route audits it. The entries themselves,
 //! their chain and its verification live in `store::audit`.
 
-use crate::auth::{self, Principal, SESSION_COOKIE};
+use crate::auth::{self, Principal};
 use crate::store::{self, AuditVerdict, NewAuditEntry};
 use crate::Hub;
 use axum::body::{Body, HttpBody};
-use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::header::{self, HeaderValue};
 use axum::http::{Extensions, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -105,7 +105,7 @@ async fn record_request(hub: &Arc<Hub>, request: Request, next: axum::middleware
     let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_string());
     let params: BTreeMap<String, String> =
         parts.extract::<RawPathParams>().await.map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_or_default();
-    let client_ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+    let client_ip = crate::api::client_ip(hub, &parts).map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
     let template = route.clone().unwrap_or_else(|| parts.uri.path().chars().take(200).collect());
     let is_login = route.as_deref().is_some_and(|r| LOGIN_ROUTES.contains(&r));
     let is_logout = route.as_deref().is_some_and(|r| LOGOUT_ROUTES.contains(&r));
@@ -137,7 +137,7 @@ async fn record_request(hub: &Arc<Hub>, request: Request, next: axum::middleware
         (body, None)
     };
     let session_before = if is_logout {
-        match crate::api::cookie_value(&parts.headers, SESSION_COOKIE) {
+        match crate::api::session_cookie_value(hub, &parts.headers) {
             Some(value) => auth::principal_from_session(hub, &value).ok().flatten(),
             None => None,
         }

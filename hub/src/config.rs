@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 /// Default data directory.
@@ -34,8 +34,18 @@ pub struct Config {
     /// address given at `init`. Env `GANTRY_PUBLIC_ADDR`, flag `--public-addr`.
     pub public_addr: Option<String>,
     /// Base URL of the dashboard as users reach it, e.g. `https://hub.example.com`; used in
-    /// printed links. Defaults to `http://` plus the HTTP address. Env `GANTRY_PUBLIC_URL`.
+    /// printed links. Defaults to `http://` plus the HTTP address (`https://` when the hub
+    /// serves TLS itself). An `https://` URL also makes the session cookie `Secure` (named
+    /// `__Host-gantry_session`), as behind a TLS-terminating proxy. Env `GANTRY_PUBLIC_URL`.
     pub public_url: Option<String>,
+    /// Addresses or networks (`10.0.0.5`, `10.0.0.0/8`, `fd00::/8`) of reverse proxies whose
+    /// `X-Forwarded-For` / `Forwarded: for=` headers are believed. A request whose TCP peer
+    /// is one of them is treated as coming from the right-most forwarded address that is not
+    /// itself a trusted proxy; from any other peer those headers are ignored, so clients
+    /// cannot choose their own address. The client address is what rate limits, login
+    /// throttling and the audit log use. Empty (the default) believes no one. Env
+    /// `GANTRY_TRUSTED_PROXIES`, comma-separated.
+    pub trusted_proxies: Vec<IpNet>,
     /// Largest protocol frame accepted from an agent, in bytes (at most 16 MiB).
     pub max_frame_bytes: usize,
     /// How often agents send heartbeats, in seconds.
@@ -83,6 +93,141 @@ pub struct Config {
     pub quic: QuicLimits,
     /// HTTP API rate limits and login throttling.
     pub rate_limit: RateLimitConfig,
+    /// HTTPS on the HTTP port (`http_addr`). Off by default: plain HTTP, for local use or
+    /// behind a TLS-terminating reverse proxy.
+    pub tls: TlsConfig,
+}
+
+/// Whether and how the hub serves HTTPS itself on `http_addr` (one port: with TLS on it
+/// answers HTTPS only). Browsers then get HSTS and the `__Host-` session cookie.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `off` (plain HTTP), `files` (the PEM `cert_file` and `key_file`, e.g. from an ACME
+    /// client; re-read at restart) or `self-signed` (a certificate the hub makes on first
+    /// start and keeps in `DATA/pki/https.crt` and `https.key`, for the hub's host name,
+    /// `localhost` and the loopback addresses; clients must be told to trust it). Env
+    /// `GANTRY_TLS`.
+    pub mode: TlsMode,
+    /// PEM file with the certificate chain, leaf first, for `mode = "files"`. Env
+    /// `GANTRY_TLS_CERT` (which also selects `files` when the mode is `off`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1), for
+    /// `mode = "files"`. Keep it readable only by the hub's user. Env `GANTRY_TLS_KEY`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// How the HTTP port is served; see [`TlsConfig::mode`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Plain HTTP.
+    #[default]
+    Off,
+    /// HTTPS with a certificate and key from PEM files.
+    Files,
+    /// HTTPS with a self-signed certificate kept in `DATA/pki/`.
+    SelfSigned,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "off" => Ok(TlsMode::Off),
+            "files" => Ok(TlsMode::Files),
+            "self-signed" => Ok(TlsMode::SelfSigned),
+            other => Err(format!("{other:?} is not one of off, files, self-signed")),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Every rule the values break.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let files = self.cert_file.is_some() || self.key_file.is_some();
+        match self.mode {
+            TlsMode::Files if self.cert_file.is_none() || self.key_file.is_none() => {
+                errors.push("tls.mode = \"files\" needs both tls.cert_file and tls.key_file".to_string());
+            }
+            TlsMode::Off | TlsMode::SelfSigned if files => {
+                errors.push("tls.cert_file and tls.key_file are only used with tls.mode = \"files\"".to_string());
+            }
+            _ => {}
+        }
+        errors
+    }
+}
+
+/// An IP address or network in CIDR notation (`192.0.2.7`, `10.0.0.0/8`, `fd00::/8`); a bare
+/// address is a network of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside the network. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+    /// as a dual-stack socket reports IPv4 peers) counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_matches(u128::from(net.to_bits()) << 96, u128::from(ip.to_bits()) << 96, self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_matches(net.to_bits(), ip.to_bits(), self.prefix),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_matches(net: u128, ip: u128, prefix: u8) -> bool {
+    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+    net & mask == ip & mask
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{text:?} is not an IP address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{text:?}: prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for IpNet {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<IpNet> for String {
+    fn from(net: IpNet) -> String {
+        net.to_string()
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// Rate limits of the HTTP API (`/api/v1/*`; the probes, `/metrics` and the dashboard
@@ -109,8 +254,9 @@ pub struct RateLimitConfig {
     /// Requests an idle org's keys may make at once, above its rate.
     pub per_org_burst: u32,
     /// Requests per second one client IP address may make without a valid credential.
-    /// The address is the TCP peer's: behind a reverse proxy every client shares the
-    /// proxy's (forwarded-for headers are not believed), so raise this there.
+    /// The address is the TCP peer's, or behind a proxy listed in `trusted_proxies` the
+    /// client's it forwarded; behind any other proxy every client shares the proxy's, so
+    /// list the proxy (or raise this).
     pub per_ip_per_sec: u32,
     /// Requests an idle address may make at once without a valid credential.
     pub per_ip_burst: u32,
@@ -234,6 +380,7 @@ impl Default for Config {
             quic_addr: DEFAULT_QUIC_ADDR.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 7443))),
             public_addr: None,
             public_url: None,
+            trusted_proxies: Vec::new(),
             max_frame_bytes: gantry_shared::frame::DEFAULT_MAX_FRAME_BYTES,
             heartbeat_interval_secs: 5,
             liveness_timeout_secs: 15,
@@ -251,6 +398,7 @@ impl Default for Config {
             webhook_retry_base_ms: DEFAULT_WEBHOOK_RETRY_BASE_MS,
             quic: QuicLimits::default(),
             rate_limit: RateLimitConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -301,6 +449,28 @@ impl Config {
         }
         if let Some(v) = env("GANTRY_SECRETS_KEY_FILE") {
             config.secrets_key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("GANTRY_TRUSTED_PROXIES") {
+            let parsed: Result<Vec<IpNet>, String> = v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::parse).collect();
+            match parsed {
+                Ok(nets) => config.trusted_proxies = nets,
+                Err(e) => errors.push(format!("GANTRY_TRUSTED_PROXIES: {e}")),
+            }
+        }
+        if let Some(v) = env("GANTRY_TLS_CERT") {
+            config.tls.cert_file = Some(PathBuf::from(v));
+            if config.tls.mode == TlsMode::Off {
+                config.tls.mode = TlsMode::Files;
+            }
+        }
+        if let Some(v) = env("GANTRY_TLS_KEY") {
+            config.tls.key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("GANTRY_TLS") {
+            match v.parse() {
+                Ok(mode) => config.tls.mode = mode,
+                Err(e) => errors.push(format!("GANTRY_TLS: {e}")),
+            }
         }
         if let Some(v) = &flags.data_dir {
             config.data_dir = v.clone();
@@ -371,7 +541,19 @@ impl Config {
             }
         }
         errors.extend(self.rate_limit.validate());
+        errors.extend(self.tls.validate());
         errors
+    }
+
+    /// Whether the hub serves HTTPS itself (then HSTS is sent).
+    pub fn serves_tls(&self) -> bool {
+        self.tls.mode != TlsMode::Off
+    }
+
+    /// Whether browsers reach the hub over HTTPS: it serves TLS itself, or `public_url` is
+    /// `https://` (a TLS-terminating proxy in front). Session cookies are then `Secure`.
+    pub fn secure_cookies(&self) -> bool {
+        self.serves_tls() || self.public_url().starts_with("https://")
     }
 
     /// Base URL for printed links.
@@ -380,8 +562,13 @@ impl Config {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => {
                 let addr = self.http_addr;
-                let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-                format!("http://{host}:{}", addr.port())
+                let host = match addr {
+                    _ if addr.ip().is_unspecified() => "127.0.0.1".to_string(),
+                    SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+                    SocketAddr::V4(v4) => v4.ip().to_string(),
+                };
+                let scheme = if self.serves_tls() { "https" } else { "http" };
+                format!("{scheme}://{host}:{}", addr.port())
             }
         }
     }
@@ -448,5 +635,60 @@ mod tests {
         };
         let err = format!("{:#}", Config::load(None, &env, &Overrides::default()).unwrap_err());
         assert!(err.contains("GANTRY_HTTP_ADDR") && err.contains("public_addr"), "{err}");
+    }
+
+    #[test]
+    fn tls_comes_from_the_file_or_the_environment_and_turns_the_public_url_https() {
+        let config = Config::default();
+        assert!(!config.serves_tls() && !config.secure_cookies());
+        assert_eq!(config.public_url(), "http://127.0.0.1:8080");
+
+        let config: Config = toml::from_str("[tls]\nmode = \"self-signed\"\n").unwrap();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert!(config.serves_tls() && config.secure_cookies());
+        assert_eq!(config.public_url(), "https://127.0.0.1:8080");
+
+        let env = |k: &str| match k {
+            "GANTRY_TLS_CERT" => Some("/etc/gantry/hub.crt".to_string()),
+            "GANTRY_TLS_KEY" => Some("/etc/gantry/hub.key".to_string()),
+            _ => None,
+        };
+        let config = Config::load(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(config.tls.mode, TlsMode::Files);
+        assert_eq!(config.tls.key_file.as_deref(), Some(std::path::Path::new("/etc/gantry/hub.key")));
+
+        let env = |k: &str| match k {
+            "GANTRY_TLS_CERT" => Some("/etc/gantry/hub.crt".to_string()),
+            "GANTRY_TLS" => Some("tls-please".to_string()),
+            _ => None,
+        };
+        let err = format!("{:#}", Config::load(None, &env, &Overrides::default()).unwrap_err());
+        assert!(err.contains("GANTRY_TLS: \"tls-please\"") && err.contains("tls.key_file"), "{err}");
+    }
+
+    #[test]
+    fn an_https_public_url_makes_cookies_secure_without_serving_tls() {
+        let config = Config { public_url: Some("https://hub.example.com/".into()), ..Config::default() };
+        assert!(!config.serves_tls() && config.secure_cookies());
+    }
+
+    #[test]
+    fn trusted_proxies_parse_as_addresses_and_networks() {
+        let env = |k: &str| (k == "GANTRY_TRUSTED_PROXIES").then(|| "127.0.0.1, 10.0.0.0/8,fd00::/8".to_string());
+        let config = Config::load(None, &env, &Overrides::default()).unwrap();
+        let [one, ten, ula] = config.trusted_proxies[..] else { panic!("{:?}", config.trusted_proxies) };
+        assert!(one.contains("127.0.0.1".parse().unwrap()) && !one.contains("127.0.0.2".parse().unwrap()));
+        assert!(ten.contains("10.200.3.4".parse().unwrap()) && !ten.contains("11.0.0.1".parse().unwrap()));
+        assert!(ten.contains("::ffff:10.1.2.3".parse().unwrap()), "IPv4-mapped peers count as IPv4");
+        assert!(ula.contains("fd12::1".parse().unwrap()) && !ula.contains("fe80::1".parse().unwrap()));
+        assert!("0.0.0.0/0".parse::<IpNet>().unwrap().contains("203.0.113.9".parse().unwrap()));
+
+        let config: Config = toml::from_str("trusted_proxies = [\"192.0.2.0/24\"]\n").unwrap();
+        assert_eq!(config.trusted_proxies, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
+        for bad in ["10.0.0.0/33", "proxy.example.com", "fd00::/129"] {
+            let env = |k: &str| (k == "GANTRY_TRUSTED_PROXIES").then(|| bad.to_string());
+            let err = format!("{:#}", Config::load(None, &env, &Overrides::default()).unwrap_err());
+            assert!(err.contains("GANTRY_TRUSTED_PROXIES") && err.contains(bad), "{err}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! on already-bound sockets until a shutdown future resolves, so tests boot real hubs on
 //! `127.0.0.1:0` in-process. The binary in `main.rs` only parses flags and calls these.
 
+pub mod access;
 pub mod alerts;
 pub mod api;
 pub mod audit;
@@ -23,6 +24,8 @@ pub mod registry;
 pub mod retention;
 pub mod secrets;
 pub mod store;
+pub mod tls;
+pub mod totp;
 pub mod transport;
 pub mod webhooks;
 
@@ -156,7 +159,7 @@ pub fn init(data_dir: &Path, public_addr: &str, admin_email: &str, admin_passwor
         anyhow::bail!("{}", errors.join("; "));
     }
     if let Some(password) = admin_password {
-        auth::check_password_policy(password).map_err(|e| anyhow::anyhow!("GANTRY_ADMIN_PASSWORD: {e}"))?;
+        auth::check_password_policy(password, admin_email).map_err(|e| anyhow::anyhow!("GANTRY_ADMIN_PASSWORD: {e}"))?;
     }
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     restrict_dir(data_dir)?;
@@ -250,6 +253,8 @@ impl Listeners {
 /// Serve agents and HTTP on `listeners` until `shutdown` resolves, then drain: agents are
 /// told to come back after the configured retry-after, the store is flushed.
 pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // First, so that a bad certificate or key stops the start before anything is served.
+    let https = tls::server_config(&hub.config, &hub.public_addr)?;
     let reset = hub.store.mark_all_disconnected(wall_ms())?;
     if reset > 0 {
         tracing::info!(agents = reset, "marked agents offline after restart; they reconnect on their own");
@@ -271,16 +276,21 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
     hub.health.set_started(wall_ms());
     let alerting = tokio::spawn(alerts::run(hub.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
-    let app = api::router(hub.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|stop| *stop).await;
+    let http_task = match https {
+        Some(tls_config) => tokio::spawn(tls::serve(http, tls_config, api::router(hub.clone()), stop_rx.clone())),
+        None => {
+            let app = api::router(hub.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+            tokio::spawn(async move {
+                axum::serve(http, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = http_stop.wait_for(|stop| *stop).await;
+                    })
+                    .await
             })
-            .await
-    });
+        }
+    };
     hub.accepting.store(true, Ordering::Relaxed);
-    tracing::info!(%http_addr, %quic_addr, public_addr = %hub.public_addr, "hub serving");
+    tracing::info!(%http_addr, %quic_addr, public_addr = %hub.public_addr, https = hub.config.serves_tls(), "hub serving");
 
     shutdown.await;
     tracing::info!(agents = hub.registry.len(), "shutting down: draining agents");

@@ -1,4 +1,5 @@
-//! Encryption at rest for org secrets and registry passwords.
+//! Encryption at rest for org secrets, registry passwords, webhook signing secrets and users'
+//! TOTP secrets.
 //!
 //! Values are sealed with AES-256-GCM under a key kept in its own file, outside the store
 //! (`secrets_key_file`, by default `DATA/pki/secrets.key`, mode 0600), so a copy of the
@@ -37,6 +38,8 @@ pub enum Kind {
     RegistryPassword,
     /// A webhook endpoint's signing secret, named by the endpoint id.
     Webhook,
+    /// A user's TOTP secret, named by the user id (with no org).
+    Totp,
 }
 
 fn aad(org: &str, kind: Kind, name: &str) -> Vec<u8> {
@@ -44,6 +47,7 @@ fn aad(org: &str, kind: Kind, name: &str) -> Vec<u8> {
         Kind::Secret => "secret",
         Kind::RegistryPassword => "registry",
         Kind::Webhook => "webhook",
+        Kind::Totp => "totp",
     };
     format!("gantry-v1\0{org}\0{kind}\0{name}").into_bytes()
 }

@@ -26,12 +26,14 @@ pub const SUMMARY_EVERY_SECS: u64 = 60;
 
 /// One check as the hub configures it and the agent runs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CheckSpec {
     /// Unique among an agent's checks; letters, digits, `-`, `_`, `.`.
     pub name: String,
     /// What to probe.
     #[serde(with = "binary::probe")]
+    #[cfg_attr(feature = "schemars", schemars(with = "Probe"))]
     pub probe: Probe,
     /// Seconds between runs (1-86400).
     #[serde(default = "default_interval")]
@@ -65,6 +67,7 @@ fn default_success_threshold() -> u32 {
 
 /// What a check probes. JSON: `{"type": "http", "url": ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Probe {
     /// An HTTP(S) GET from the agent. Passes when the status is `expect_status` (any 2xx or
@@ -132,9 +135,11 @@ impl Probe {
 /// `window_secs` is a crash loop: the agent stops remediating that check, reports it, and
 /// starts again only after the check has passed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Remediation {
     #[serde(default, with = "binary::steps")]
+    #[cfg_attr(feature = "schemars", schemars(with = "Vec<RemediationStep>"))]
     pub steps: Vec<RemediationStep>,
     /// Remediations allowed within `window_secs` (1-100).
     #[serde(default = "default_max_attempts")]
@@ -159,6 +164,7 @@ impl Default for Remediation {
 
 /// One rung of the remediation ladder. JSON: `{"action": "restart_container", ...}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RemediationStep {
     /// Restart the named container.

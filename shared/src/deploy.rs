@@ -24,6 +24,7 @@ pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 
 /// A whole deployment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentSpec {
     /// Name, unique within the org: 1-63 characters of a-z, 0-9 and '-'.
@@ -43,6 +44,7 @@ pub struct DeploymentSpec {
 
 /// One container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// Name within the deployment: 1-63 characters of a-z, 0-9 and '-'.
@@ -91,6 +93,7 @@ fn default_stop_grace() -> u64 {
 /// An environment variable: a plain `value`, or a `secret` referenced by name that the hub
 /// resolves only for the targeted agents and that is never printed. Exactly one of the two.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnvVar {
     pub name: String,
@@ -102,6 +105,7 @@ pub struct EnvVar {
 
 /// A published port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Port on the host, 1-65535.
@@ -116,6 +120,7 @@ pub struct PortMapping {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -125,6 +130,7 @@ pub enum Protocol {
 
 /// A named volume or a bind mount.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Mount {
     /// Volume name, or an absolute host path for a bind mount.
@@ -137,6 +143,7 @@ pub struct Mount {
 
 /// Docker restart policy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     No,
@@ -148,6 +155,7 @@ pub enum RestartPolicy {
 
 /// How a container's health is judged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum HealthCheck {
     /// The image's own Docker HEALTHCHECK.
@@ -171,6 +179,7 @@ fn default_status() -> u16 {
 
 /// How a change rolls out across agents.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Strategy {
     #[default]
@@ -186,6 +195,7 @@ pub enum Strategy {
 
 /// What a rolling deployment does when a batch fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// Stop rolling out; agents already updated keep the new revision.
@@ -197,6 +207,7 @@ pub enum OnFailure {
 
 /// How one agent replaces a running revision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateOrder {
     /// Start the new container and wait for it to be healthy before stopping the old one.
@@ -208,6 +219,7 @@ pub enum UpdateOrder {
 
 /// When a new revision counts as good on an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HealthGate {
     /// The container must run and stay healthy this long.

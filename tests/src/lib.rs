@@ -593,3 +593,98 @@ pub fn assert_lines_exactly_once(records: &[Value], n: u64) {
     assert!(numbers.windows(2).all(|w| w[0] < w[1]), "lines out of order");
     assert_eq!(numbers.len() as u64, n);
 }
+
+impl Api {
+    /// A client that sends `cookie` (`name=value`) and no API key.
+    pub fn with_cookie(&self, cookie: &str) -> Api {
+        Api { base: self.base.clone(), bearer: None, cookie: Some(cookie.to_string()) }
+    }
+
+    /// `POST /api/v1/auth/login` with `body` (sending this client's cookie, if any): status,
+    /// body, and the session cookie the hub set as `name=value`, if it set a non-empty one.
+    pub async fn login(&self, body: &Value) -> (u16, Value, Option<String>) {
+        let (status, headers, text) = self.send("POST", "/api/v1/auth/login", Some("application/json"), serde_json::to_vec(body).expect("json")).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), session_cookie_of(&headers))
+    }
+
+    /// `DELETE` with a JSON body.
+    pub async fn delete_json(&self, path: &str, json: &Value) -> (u16, Value) {
+        let (status, _, body) = self.send("DELETE", path, Some("application/json"), serde_json::to_vec(json).expect("json")).await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+}
+
+/// The `name=value` of a non-empty cookie set by a response, if any.
+pub fn session_cookie_of(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find(|pair| pair.split_once('=').is_some_and(|(_, value)| !value.is_empty()))
+        .map(str::to_string)
+}
+
+impl TestHub {
+    /// Like [`TestHub::start`], for a hub that `tweak` makes serve HTTPS: readiness is taken
+    /// from the hub itself, since [`Api`] speaks plain HTTP only (use [`https_send`]).
+    pub async fn start_tls(data: &Path, tweak: impl FnOnce(&mut Config)) -> TestHub {
+        init_logging();
+        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind http");
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
+        let (http_addr, quic_addr) = (http.local_addr().expect("http addr"), quic.local_addr().expect("quic addr"));
+        let public_addr = quic_addr.to_string();
+        gantry_hub::init(data, &public_addr, ADMIN_EMAIL, Some(ADMIN_PASSWORD)).expect("init hub");
+        let operator_key = std::fs::read_to_string(data.join("operator.key")).expect("operator key").trim().to_string();
+        let mut config = Config { data_dir: data.to_path_buf(), http_addr, quic_addr, public_addr: Some(public_addr), ..Config::default() };
+        tweak(&mut config);
+        let hub = gantry_hub::Hub::open(config).expect("open hub");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gantry_hub::run(hub.clone(), gantry_hub::Listeners { http, quic }, async move {
+            let _ = stop_rx.await;
+        }));
+        let test_hub = TestHub { data: data.to_path_buf(), http: http_addr, quic: quic_addr, operator_key, hub, stop: Some(stop_tx), task: Some(task) };
+        wait_for(Duration::from_secs(10), "hub accepting", || async { test_hub.hub.is_accepting().then_some(()) }).await;
+        test_hub
+    }
+}
+
+/// Send one HTTPS request to `addr` (as host `server_name`), trusting only the certificates
+/// in `roots_pem`: status, headers and body text, or why the connection failed.
+pub async fn https_send(
+    addr: SocketAddr,
+    server_name: &str,
+    roots_pem: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, String)> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        roots.add(cert.context("parsing a trusted certificate")?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.context("connecting")?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
+        let tls = connector.connect(name, tcp).await.context("TLS handshake")?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(connection);
+        let mut request = hyper::Request::builder().method(method).uri(path).header("host", format!("{server_name}:{}", addr.port()));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = sender.send_request(request.body(Full::new(bytes::Bytes::from(body)))?).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, headers, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange).await.context("HTTPS request timed out")?
+}

@@ -5,7 +5,8 @@
 //!
 //! Read-only: entries are written by `crate::audit` and never changed through the API.
 
-use super::{authorize_org, parse_time, require_operator, rfc3339, ApiError, ApiQuery, ApiResult, MAX_PAGE};
+use super::{authorize, parse_time, require_operator, rfc3339, ApiError, ApiQuery, ApiResult, MAX_PAGE};
+use crate::access::Perm;
 use crate::auth::Principal;
 use crate::store::{AuditEntry, AuditFilter, AuditPage};
 use crate::Hub;
@@ -25,7 +26,7 @@ pub const DEFAULT_AUDIT_PAGE: usize = 100;
 pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
 
 /// Query string of the audit routes.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Exactly this actor (an email, `key:<id>`, `agent:<id>`, `anonymous`).
@@ -46,7 +47,7 @@ pub struct AuditQuery {
 
 /// The audit log of one org; members of the org and operators may read it.
 pub async fn org_log(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>, ApiQuery(query): ApiQuery<AuditQuery>) -> ApiResult<Response> {
-    authorize_org(&principal, &org)?;
+    authorize(&principal, &org, Perm::Admin, &format!("org {org}"))?;
     if hub.store.org(&org)?.is_none() {
         return Err(ApiError::not_found(&format!("org {org}")));
     }
@@ -55,7 +56,7 @@ pub async fn org_log(State(hub): State<Arc<Hub>>, principal: Principal, Path(org
 
 /// The audit log of every org and of actions outside any org; operators only.
 pub async fn all(State(hub): State<Arc<Hub>>, principal: Principal, ApiQuery(query): ApiQuery<AuditQuery>) -> ApiResult<Response> {
-    require_operator(&principal)?;
+    require_operator(&principal, Perm::Admin)?;
     answer(&hub, None, query).await
 }
 

@@ -5,7 +5,8 @@
 //! reported exactly like a missing one (404). Pushing revisions to agents is the
 //! orchestrator's job, not this module's.
 
-use super::{authorize_org, rfc3339, ApiError, ApiJson, ApiResult};
+use super::{authorize, rfc3339, ApiError, ApiJson, ApiResult};
+use crate::access::Perm;
 use crate::auth::Principal;
 use crate::store::{Deployment, Revision, Targets};
 use crate::Hub;
@@ -19,7 +20,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// Body of create and update.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentRequest {
     pub spec: DeploymentSpec,
@@ -27,7 +28,7 @@ pub struct DeploymentRequest {
 }
 
 /// Body of a rollback.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     /// Revision to go back to; the previous one when absent.
@@ -158,9 +159,9 @@ pub fn state_name(state: &gantry_shared::message::DeployState) -> &'static str {
     }
 }
 
-fn find(hub: &Hub, principal: &Principal, id: &str) -> ApiResult<Deployment> {
+fn find(hub: &Hub, principal: &Principal, id: &str, perm: Perm) -> ApiResult<Deployment> {
     let deployment = hub.store.deployment(id)?.ok_or_else(|| ApiError::not_found(&format!("deployment {id}")))?;
-    authorize_org(principal, &deployment.org).map_err(|_| ApiError::not_found(&format!("deployment {id}")))?;
+    authorize(principal, &deployment.org, perm, &format!("deployment {id}"))?;
     Ok(deployment)
 }
 
@@ -170,7 +171,7 @@ pub async fn create(
     Path(org): Path<String>,
     ApiJson(body): ApiJson<DeploymentRequest>,
 ) -> ApiResult<Response> {
-    authorize_org(&principal, &org)?;
+    authorize(&principal, &org, Perm::Deploy, &format!("org {org}"))?;
     if hub.store.org(&org)?.is_none() {
         return Err(ApiError::not_found(&format!("org {org}")));
     }
@@ -200,7 +201,7 @@ pub async fn create(
 }
 
 pub async fn list(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<Value>> {
-    authorize_org(&principal, &org)?;
+    authorize(&principal, &org, Perm::Read, &format!("org {org}"))?;
     if hub.store.org(&org)?.is_none() {
         return Err(ApiError::not_found(&format!("org {org}")));
     }
@@ -212,7 +213,7 @@ pub async fn list(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): 
 }
 
 pub async fn get(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let deployment = find(&hub, &principal, &id)?;
+    let deployment = find(&hub, &principal, &id, Perm::Read)?;
     let revision = hub.store.revision(&id, deployment.revision)?;
     Ok(Json(view(&hub, &deployment, revision.as_ref())?))
 }
@@ -238,7 +239,7 @@ pub async fn update(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<DeploymentRequest>,
 ) -> ApiResult<Json<Value>> {
-    let deployment = find(&hub, &principal, &id)?;
+    let deployment = find(&hub, &principal, &id, Perm::Deploy)?;
     if deployment.deleted_at_ms.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} was deleted")));
     }
@@ -269,7 +270,7 @@ pub async fn rollback(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<RollbackRequest>,
 ) -> ApiResult<Json<Value>> {
-    let deployment = find(&hub, &principal, &id)?;
+    let deployment = find(&hub, &principal, &id, Perm::Deploy)?;
     if deployment.deleted_at_ms.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} was deleted")));
     }
@@ -284,7 +285,7 @@ pub async fn rollback(
 }
 
 pub async fn revisions(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    find(&hub, &principal, &id)?;
+    find(&hub, &principal, &id, Perm::Read)?;
     let revisions: Vec<Value> = hub
         .store
         .revisions(&id)?
@@ -304,7 +305,7 @@ pub async fn revisions(State(hub): State<Arc<Hub>>, principal: Principal, Path(i
 }
 
 pub async fn delete(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    find(&hub, &principal, &id)?;
+    find(&hub, &principal, &id, Perm::Deploy)?;
     let deployment = hub.store.delete_deployment(&id, crate::wall_ms())?.ok_or_else(|| ApiError::not_found(&format!("deployment {id}")))?;
     tracing::info!(deployment = %id, by = %principal.name, "deployment deleted");
     crate::orchestrator::changed(&hub, &deployment, gantry_shared::deploy::Strategy::AllAtOnce);
@@ -315,7 +316,7 @@ pub async fn delete(State(hub): State<Arc<Hub>>, principal: Principal, Path(id):
 /// its state changes (all of them first), until the client goes away.
 pub async fn progress(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Response> {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    find(&hub, &principal, &id)?;
+    find(&hub, &principal, &id, Perm::Read)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let mut sent: std::collections::BTreeMap<String, (u64, String, String)> = Default::default();

@@ -13,16 +13,12 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; frame-ancestors '
 /// `Strict-Transport-Security` value sent when the hub serves TLS.
 pub const STRICT_TRANSPORT_SECURITY: &str = "max-age=31536000";
 
-/// Whether the hub itself serves HTTPS. It serves plain HTTP only for now; a
-/// TLS-terminating proxy in front of it should send HSTS itself. When TLS serving lands,
-/// this becomes that setting, and HSTS follows.
-pub const SERVES_TLS: bool = false;
-
 /// Path of the dashboard stylesheet.
 pub const STYLESHEET_PATH: &str = gantry_dashboards::STYLESHEET_PATH;
 
-/// Set the security headers; HSTS only when `tls` (browsers would otherwise be told to
-/// insist on an HTTPS the hub does not serve).
+/// Set the security headers; HSTS only when `tls`, i.e. the hub serves HTTPS itself
+/// (`Config::serves_tls`): browsers would otherwise be told to insist on an HTTPS the hub
+/// does not serve. A TLS-terminating proxy in front of a plain-HTTP hub sends HSTS itself.
 pub fn security_headers(headers: &mut HeaderMap, tls: bool) {
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));

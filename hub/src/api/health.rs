@@ -10,7 +10,8 @@
 //! - `GET/POST /api/v1/orgs/{org}/silences`, `DELETE .../silences/{id}`.
 //! - `GET/PUT /api/v1/orgs/{org}/alert-rules`.
 
-use super::{authorize_org, find_agent, parse_duration, parse_time, rfc3339, ApiError, ApiJson, ApiQuery, ApiResult};
+use super::{find_agent, org_in_scope, parse_duration, parse_time, rfc3339, ApiError, ApiJson, ApiQuery, ApiResult};
+use crate::access::Perm;
 use crate::auth::Principal;
 use crate::store::{Alert, AlertRules, AlertStatus, CheckConfig, CheckScope, CheckStatus, RecordFilter, Silence};
 use crate::Hub;
@@ -30,7 +31,7 @@ pub const HISTORY_LIMIT: usize = 100;
 pub const MAX_SILENCES_PER_ORG: usize = 1000;
 
 /// Body of a check create or replace.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     #[serde(default)]
@@ -40,14 +41,6 @@ pub struct CheckRequest {
 
 fn invalid(errors: Vec<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_check", errors.join("; "))
-}
-
-fn org_exists(hub: &Hub, principal: &Principal, org: &str) -> ApiResult<()> {
-    authorize_org(principal, org)?;
-    if hub.store.org(org)?.is_none() {
-        return Err(ApiError::not_found(&format!("org {org}")));
-    }
-    Ok(())
 }
 
 fn check_json(config: &CheckConfig) -> Value {
@@ -102,7 +95,7 @@ pub async fn create_check(
     Path(org): Path<String>,
     ApiJson(request): ApiJson<CheckRequest>,
 ) -> ApiResult<Response> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     validate(&hub, &org, &request, None)?;
     let now = crate::wall_ms();
     let config = CheckConfig {
@@ -121,18 +114,18 @@ pub async fn create_check(
 }
 
 pub async fn list_checks(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<Value>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Read)?;
     let checks: Vec<Value> = hub.store.check_configs(&org)?.iter().map(check_json).collect();
     Ok(Json(json!({ "checks": checks, "revision": hub.store.check_revision(&org)? })))
 }
 
-fn find_check(hub: &Hub, principal: &Principal, org: &str, id: &str) -> ApiResult<CheckConfig> {
-    org_exists(hub, principal, org)?;
+fn find_check(hub: &Hub, principal: &Principal, org: &str, id: &str, perm: Perm) -> ApiResult<CheckConfig> {
+    org_in_scope(hub, principal, org, perm)?;
     hub.store.check_config(org, id)?.ok_or_else(|| ApiError::not_found(&format!("check {id}")))
 }
 
 pub async fn get_check(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    Ok(Json(check_json(&find_check(&hub, &principal, &org, &id)?)))
+    Ok(Json(check_json(&find_check(&hub, &principal, &org, &id, Perm::Read)?)))
 }
 
 pub async fn replace_check(
@@ -141,7 +134,7 @@ pub async fn replace_check(
     Path((org, id)): Path<(String, String)>,
     ApiJson(request): ApiJson<CheckRequest>,
 ) -> ApiResult<Json<Value>> {
-    let mut config = find_check(&hub, &principal, &org, &id)?;
+    let mut config = find_check(&hub, &principal, &org, &id, Perm::Admin)?;
     validate(&hub, &org, &request, Some(&id))?;
     config.scope = request.scope;
     config.spec = request.spec;
@@ -153,7 +146,7 @@ pub async fn replace_check(
 }
 
 pub async fn delete_check(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id)): Path<(String, String)>) -> ApiResult<StatusCode> {
-    find_check(&hub, &principal, &org, &id)?;
+    find_check(&hub, &principal, &org, &id, Perm::Admin)?;
     hub.store.delete_check_config(&org, &id)?;
     tracing::info!(org = %org, id = %id, by = %principal.name, "check deleted");
     crate::checks::org_changed(&hub, &org);
@@ -176,7 +169,7 @@ fn status_json(status: &CheckStatus) -> Value {
 }
 
 /// `?check=NAME` limits the history to one check.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentChecksQuery {
     pub check: Option<String>,
@@ -188,7 +181,7 @@ pub async fn agent_checks(
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<AgentChecksQuery>,
 ) -> ApiResult<Json<Value>> {
-    let agent = find_agent(&hub, &principal, &id)?;
+    let agent = find_agent(&hub, &principal, &id, Perm::Read)?;
     let set = crate::checks::set_for(&hub, &agent)?;
     let statuses = hub.store.check_statuses(&agent.id)?;
     let checks: Vec<Value> = set
@@ -229,7 +222,7 @@ fn alert_json(alert: &Alert) -> Value {
 }
 
 /// `?status=` of the alert list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsQuery {
     pub status: Option<String>,
@@ -243,7 +236,7 @@ pub async fn list_alerts(
     Path(org): Path<String>,
     ApiQuery(query): ApiQuery<AlertsQuery>,
 ) -> ApiResult<Json<Value>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Read)?;
     let wanted: &[AlertStatus] = match query.status.as_deref().unwrap_or("open") {
         "open" => &[AlertStatus::Firing, AlertStatus::Acknowledged],
         "firing" => &[AlertStatus::Firing],
@@ -271,13 +264,13 @@ pub async fn list_alerts(
 }
 
 pub async fn get_alert(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Read)?;
     let alert = hub.store.alert(&org, &id)?.ok_or_else(|| ApiError::not_found(&format!("alert {id}")))?;
     Ok(Json(alert_json(&alert)))
 }
 
 pub async fn acknowledge_alert(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Deploy)?;
     let alert = hub.store.alert(&org, &id)?.ok_or_else(|| ApiError::not_found(&format!("alert {id}")))?;
     match alert.status {
         AlertStatus::Resolved => return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("alert {id} is already resolved"))),
@@ -309,7 +302,7 @@ pub async fn acknowledge_alert(State(hub): State<Arc<Hub>>, principal: Principal
 
 /// Body of a silence: matchers (at least one), reason, and `expires_at` (RFC 3339) or
 /// `duration` (e.g. `2h`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SilenceRequest {
     pub rule: Option<String>,
@@ -346,7 +339,7 @@ pub async fn create_silence(
     Path(org): Path<String>,
     ApiJson(request): ApiJson<SilenceRequest>,
 ) -> ApiResult<Response> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Deploy)?;
     let now = crate::wall_ms();
     let mut errors = Vec::new();
     if request.rule.is_none() && request.agent.is_none() && request.check.is_none() && request.deployment.is_none() {
@@ -395,14 +388,14 @@ pub async fn create_silence(
 }
 
 pub async fn list_silences(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<Value>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Read)?;
     let now = crate::wall_ms();
     let silences: Vec<Value> = hub.store.silences(&org)?.iter().map(|s| silence_json(s, now)).collect();
     Ok(Json(json!({ "silences": silences })))
 }
 
 pub async fn delete_silence(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id)): Path<(String, String)>) -> ApiResult<StatusCode> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Deploy)?;
     if !hub.store.delete_silence(&org, &id)? {
         return Err(ApiError::not_found(&format!("silence {id}")));
     }
@@ -411,7 +404,7 @@ pub async fn delete_silence(State(hub): State<Arc<Hub>>, principal: Principal, P
 }
 
 pub async fn get_rules(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<AlertRules>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Read)?;
     Ok(Json(hub.store.alert_rules(&org)?))
 }
 
@@ -421,7 +414,7 @@ pub async fn put_rules(
     Path(org): Path<String>,
     ApiJson(rules): ApiJson<AlertRules>,
 ) -> ApiResult<Json<AlertRules>> {
-    org_exists(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     rules.validate().map_err(|errors| ApiError::new(StatusCode::BAD_REQUEST, "invalid_rules", errors.join("; ")))?;
     hub.store.set_alert_rules(&org, &rules)?;
     tracing::info!(org = %org, by = %principal.name, "alert rules changed");

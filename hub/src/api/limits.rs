@@ -5,33 +5,34 @@
 //!
 //! The arithmetic lives in [`crate::ratelimit`]; this module only maps requests onto it.
 
-use super::{cookie_value, ApiError};
-use crate::auth::{self, API_KEY_PREFIX, SESSION_COOKIE};
+use super::{session_cookie_value, ApiError};
+use crate::auth::{self, API_KEY_PREFIX};
 use crate::metrics::Metrics;
 use crate::ratelimit::{retry_after_secs, Limit, Subject};
 use crate::Hub;
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::{self, HeaderMap};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Paths the request rate limits apply to.
 pub const LIMITED_PREFIX: &str = "/api/v1/";
 
 /// The client's IP address, when the request came over TCP (always, when served by
-/// [`crate::run`]; not in handler tests driven with `oneshot`).
+/// [`crate::run`]; not in handler tests driven with `oneshot`): the TCP peer, or behind a
+/// trusted proxy the address it forwarded for (see [`super::client_ip`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub Option<IpAddr>);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+impl FromRequestParts<Arc<Hub>> for ClientIp {
     type Rejection = Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip())))
+    async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(super::client_ip(hub, parts)))
     }
 }
 
@@ -57,7 +58,7 @@ pub fn subject_of(hub: &Hub, headers: &HeaderMap, ip: Option<IpAddr>) -> Subject
             _ => by_address(),
         };
     }
-    if let Some(value) = cookie_value(headers, SESSION_COOKIE).filter(|v| v.len() == 64) {
+    if let Some(value) = session_cookie_value(hub, headers).filter(|v| v.len() == 64) {
         let hash = auth::sha256_hex(&value);
         if let Ok(Some(session)) = hub.store.session(&hash) {
             let operator = matches!(hub.store.user_by_email(&session.email), Ok(Some(user)) if user.operator);

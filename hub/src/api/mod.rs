@@ -6,26 +6,34 @@
 //! exist. Errors have one JSON shape, `{"error": {"code", "message"}}`, with stable codes
 //! and no internals. Bodies are size-capped and validated before anything is written.
 
+mod accounts;
 mod audit;
 mod deployments;
+mod forwarded;
 mod headers;
 mod health;
 mod limits;
+mod mfa;
+pub mod openapi;
 mod secrets;
 mod webhooks;
 
-use crate::auth::{self, Principal, SESSION_COOKIE};
+pub(crate) use forwarded::client_ip;
+
+use crate::access::{Perm, Refusal};
+use crate::auth::{self, Principal};
 use crate::enroll::{self, TokenRequest, TokenRequestError};
 use crate::metrics::Metrics;
 use crate::store::{self, Agent, Org};
 use crate::Hub;
+pub use openapi::{Op, Routes};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post, put};
+use axum::routing::MethodFilter;
 use axum::{Form, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -133,6 +141,12 @@ pub(crate) fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// The login session cookie's value, read by the name [`auth::session_cookie_name`] gives
+/// (a plain-HTTP cookie is not accepted once the hub is reached over HTTPS).
+pub(crate) fn session_cookie_value(hub: &Hub, headers: &HeaderMap) -> Option<String> {
+    cookie_value(headers, auth::session_cookie_name(&hub.config))
+}
+
 /// The authenticated caller; rejects with 401 when there is none. State-changing requests
 /// authenticated by cookie must be JSON (which a cross-site form cannot send without a
 /// CORS preflight this hub never grants) or come from the same origin.
@@ -146,7 +160,7 @@ impl FromRequestParts<Arc<Hub>> for Principal {
             crate::audit::note_principal(&parts.extensions, &principal);
             return Ok(principal);
         }
-        let Some(value) = cookie_value(&parts.headers, SESSION_COOKIE) else {
+        let Some(value) = session_cookie_value(hub, &parts.headers) else {
             return Err(ApiError::unauthorized());
         };
         let principal = auth::principal_from_session(hub, &value)?.ok_or_else(ApiError::unauthorized)?;
@@ -172,17 +186,29 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Operators may act in any org; anyone else only in their own. Other orgs look absent.
-fn authorize_org(principal: &Principal, org: &str) -> ApiResult<()> {
-    if principal.operator || principal.org.as_deref() == Some(org) {
-        Ok(())
-    } else {
-        Err(ApiError::not_found(&format!("org {org}")))
-    }
+/// Whether the caller holds `perm` in `org`. To a caller with nothing in the org, the
+/// object (`what`, e.g. "deployment dep_1") answers 404 as if it did not exist; a member
+/// whose role or key scopes fall short gets 403 naming what is missing.
+pub(crate) fn authorize(principal: &Principal, org: &str, perm: Perm, what: &str) -> ApiResult<()> {
+    principal.check(org, perm).map_err(|refusal| match refusal {
+        Refusal::NotMember => ApiError::not_found(what),
+        Refusal::Lacks(perm) => ApiError::forbidden(format!("this needs the {} permission in org {org}, which your role or key scopes do not grant", perm.name())),
+    })
 }
 
-fn require_operator(principal: &Principal) -> ApiResult<()> {
-    if principal.operator {
+/// [`authorize`] for an org named in the path, which must also exist.
+pub(crate) fn org_in_scope(hub: &Hub, principal: &Principal, org: &str, perm: Perm) -> ApiResult<()> {
+    let what = format!("org {org}");
+    authorize(principal, org, perm, &what)?;
+    if hub.store.org(org)?.is_none() {
+        return Err(ApiError::not_found(&what));
+    }
+    Ok(())
+}
+
+/// Platform-wide actions: operators (and operator keys whose scopes grant `perm`) only.
+fn require_operator(principal: &Principal, perm: Perm) -> ApiResult<()> {
+    if principal.access.everywhere.has(perm) {
         Ok(())
     } else {
         Err(ApiError::forbidden("only platform operators may do this"))
@@ -214,7 +240,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Agent as the API shows it.
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, schemars::JsonSchema)]
 pub struct AgentView {
     pub id: String,
     pub org: String,
@@ -284,58 +310,11 @@ fn org_view(org: &Org) -> serde_json::Value {
     })
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface: [`routes`] plus the fallbacks and the middleware.
 pub fn router(hub: Arc<Hub>) -> Router {
     let max_body = hub.config.max_http_body_bytes;
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/auth/login", post(login))
-        .route("/api/v1/auth/logout", post(logout))
-        .route("/api/v1/auth/me", get(me))
-        .route("/api/v1/orgs", get(list_orgs).post(create_org))
-        .route("/api/v1/orgs/{org}", get(get_org))
-        .route("/api/v1/orgs/{org}/enrollment-tokens", post(create_token))
-        .route("/api/v1/orgs/{org}/agents", get(list_agents))
-        .route("/api/v1/agents/{id}", get(get_agent))
-        .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
-        .route("/api/v1/agents/{id}/logs", get(agent_logs))
-        .route("/api/v1/agents/{id}/logs/stream", get(agent_logs_stream))
-        .route("/api/v1/agents/{id}/events", get(agent_events))
-        .route("/api/v1/agents/{id}/metrics", get(agent_metrics))
-        .route("/api/v1/orgs/{org}/deployments", get(deployments::list).post(deployments::create))
-        .route("/api/v1/deployments/{id}", get(deployments::get).put(deployments::update).delete(deployments::delete))
-        .route("/api/v1/deployments/{id}/rollback", post(deployments::rollback))
-        .route("/api/v1/deployments/{id}/revisions", get(deployments::revisions))
-        .route("/api/v1/deployments/{id}/progress", get(deployments::progress))
-        .route("/api/v1/orgs/{org}/secrets", get(secrets::list_secrets))
-        .route("/api/v1/orgs/{org}/secrets/{name}", put(secrets::put_secret).delete(secrets::delete_secret))
-        .route("/api/v1/orgs/{org}/registries", get(secrets::list_registries))
-        .route("/api/v1/orgs/{org}/registries/{server}", put(secrets::put_registry).delete(secrets::delete_registry))
-        .route("/api/v1/orgs/{org}/webhooks", get(webhooks::list).post(webhooks::create))
-        .route("/api/v1/orgs/{org}/webhooks/{id}", get(webhooks::get).patch(webhooks::update).put(webhooks::replace).delete(webhooks::delete))
-        .route("/api/v1/orgs/{org}/webhooks/{id}/rotate-secret", post(webhooks::rotate_secret))
-        .route("/api/v1/orgs/{org}/webhooks/{id}/deliveries", get(webhooks::deliveries))
-        .route("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
-        .route("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
-        .route("/api/v1/orgs/{org}/checks", get(health::list_checks).post(health::create_check))
-        .route("/api/v1/orgs/{org}/checks/{id}", get(health::get_check).put(health::replace_check).delete(health::delete_check))
-        .route("/api/v1/agents/{id}/checks", get(health::agent_checks))
-        .route("/api/v1/orgs/{org}/alerts", get(health::list_alerts))
-        .route("/api/v1/orgs/{org}/alerts/{id}", get(health::get_alert))
-        .route("/api/v1/orgs/{org}/alerts/{id}/acknowledge", post(health::acknowledge_alert))
-        .route("/api/v1/orgs/{org}/silences", get(health::list_silences).post(health::create_silence))
-        .route("/api/v1/orgs/{org}/silences/{id}", axum::routing::delete(health::delete_silence))
-        .route("/api/v1/orgs/{org}/alert-rules", get(health::get_rules).put(health::put_rules))
-        .route("/api/v1/orgs/{org}/logs", get(org_logs))
-        .route("/api/v1/orgs/{org}/events", get(org_events))
-        .route("/api/v1/orgs/{org}/audit", get(audit::org_log))
-        .route("/api/v1/audit", get(audit::all))
-        .route("/", get(dashboard))
-        .route("/login", get(login_page).post(login_form))
-        .route(headers::STYLESHEET_PATH, get(headers::stylesheet))
-        .route("/logout", post(logout_form))
+    routes()
+        .into_router()
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method") })
         .layer(DefaultBodyLimit::max(max_body))
@@ -345,10 +324,103 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .with_state(hub)
 }
 
+/// Every route, each registered with its OpenAPI operation (see [`openapi`]); the
+/// dashboard pages are routed but not documented. A module with many routes can register
+/// them itself with `.with(module::routes)`, a `fn(Routes) -> Routes`.
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/healthz", || async { "ok\n" }, Op::new("Liveness probe").tag("probes").id("healthz").public().text("text/plain"))
+        .get("/readyz", readyz, Op::new("Readiness probe (503 while not ready)").tag("probes").public().text("text/plain"))
+        .get("/metrics", metrics, Op::new("Prometheus metrics").tag("probes").public().text("text/plain"))
+        .post("/api/v1/auth/login", login, Op::new("Log in; sets the session cookie").tag("auth").public().body::<LoginRequest>().error(401))
+        .post("/api/v1/auth/logout", logout, Op::new("Log out; clears the session cookie").tag("auth").public().no_content())
+        .get("/api/v1/auth/me", me, Op::new("The caller: account, memberships, two-factor state").tag("auth"))
+        .post("/api/v1/auth/totp", mfa::enrol, Op::new("Start two-factor enrolment: a new pending secret, shown once").tag("auth").status(201))
+        .delete("/api/v1/auth/totp", mfa::disable, Op::new("Turn two-factor login off").tag("auth").body::<mfa::DisableRequest>())
+        .post("/api/v1/auth/totp/confirm", mfa::confirm, Op::new("Confirm two-factor enrolment with a code").tag("auth").body::<mfa::ConfirmRequest>())
+        .get("/api/v1/orgs", list_orgs, Op::new("List the orgs the caller can see").tag("orgs"))
+        .post("/api/v1/orgs", create_org, Op::new("Create an org (operators)").tag("orgs").body::<CreateOrg>().status(201).error(409))
+        .get("/api/v1/orgs/{org}", get_org, Op::new("Get an org").tag("orgs"))
+        .post("/api/v1/orgs/{org}/enrollment-tokens", create_token, Op::new("Mint an agent enrollment token").tag("agents").body::<CreateToken>().status(201))
+        .get("/api/v1/orgs/{org}/agents", list_agents, Op::new("List an org's agents").tag("agents").list::<AgentView>("agents"))
+        .get("/api/v1/agents/{id}", get_agent, Op::new("Get an agent").tag("agents").response::<AgentView>())
+        .post("/api/v1/agents/{id}/revoke", revoke_agent, Op::new("Revoke an agent and close its session").tag("agents").response::<AgentView>())
+        .get("/api/v1/agents/{id}/logs", agent_logs, Op::new("Query an agent's logs").tag("telemetry").query::<RecordQuery>())
+        .get("/api/v1/agents/{id}/logs/stream", agent_logs_stream, Op::new("Live tail of an agent's logs").tag("telemetry").query::<TailQuery>().event_stream())
+        .get("/api/v1/agents/{id}/events", agent_events, Op::new("Query an agent's events").tag("telemetry").query::<RecordQuery>())
+        .get("/api/v1/agents/{id}/metrics", agent_metrics, Op::new("An agent's metric names, or one metric's series").tag("telemetry").query::<MetricQuery>())
+        .get("/api/v1/orgs/{org}/deployments", deployments::list, Op::new("List an org's deployments").tag("deployments"))
+        .post("/api/v1/orgs/{org}/deployments", deployments::create, Op::new("Create a deployment").tag("deployments").body::<deployments::DeploymentRequest>().status(201))
+        .get("/api/v1/deployments/{id}", deployments::get, Op::new("Get a deployment").tag("deployments"))
+        .put("/api/v1/deployments/{id}", deployments::update, Op::new("Update a deployment (a new revision)").tag("deployments").body::<deployments::DeploymentRequest>())
+        .delete("/api/v1/deployments/{id}", deployments::delete, Op::new("Delete a deployment").tag("deployments"))
+        .post("/api/v1/deployments/{id}/rollback", deployments::rollback, Op::new("Roll a deployment back").tag("deployments").body::<deployments::RollbackRequest>())
+        .get("/api/v1/deployments/{id}/revisions", deployments::revisions, Op::new("List a deployment's revisions").tag("deployments"))
+        .get("/api/v1/deployments/{id}/progress", deployments::progress, Op::new("Progress of a deployment per agent").tag("deployments").event_stream())
+        .get("/api/v1/orgs/{org}/secrets", secrets::list_secrets, Op::new("List an org's secrets (names only)").tag("secrets"))
+        .put("/api/v1/orgs/{org}/secrets/{name}", secrets::put_secret, Op::new("Set a secret").tag("secrets").body::<secrets::SecretRequest>().or_status(201))
+        .delete("/api/v1/orgs/{org}/secrets/{name}", secrets::delete_secret, Op::new("Delete a secret").tag("secrets"))
+        .get("/api/v1/orgs/{org}/registries", secrets::list_registries, Op::new("List an org's registry logins").tag("secrets"))
+        .put("/api/v1/orgs/{org}/registries/{server}", secrets::put_registry, Op::new("Set a registry login").tag("secrets").body::<secrets::RegistryRequest>().or_status(201))
+        .delete("/api/v1/orgs/{org}/registries/{server}", secrets::delete_registry, Op::new("Delete a registry login").tag("secrets"))
+        .get("/api/v1/orgs/{org}/webhooks", webhooks::list, Op::new("List an org's webhook endpoints").tag("webhooks"))
+        .post("/api/v1/orgs/{org}/webhooks", webhooks::create, Op::new("Create a webhook endpoint").tag("webhooks").body::<webhooks::WebhookRequest>().status(201))
+        .get("/api/v1/orgs/{org}/webhooks/{id}", webhooks::get, Op::new("Get a webhook endpoint").tag("webhooks"))
+        .patch("/api/v1/orgs/{org}/webhooks/{id}", webhooks::update, Op::new("Change a webhook endpoint's given fields").tag("webhooks").body::<webhooks::WebhookRequest>())
+        .put("/api/v1/orgs/{org}/webhooks/{id}", webhooks::replace, Op::new("Replace a webhook endpoint").tag("webhooks").body::<webhooks::WebhookRequest>())
+        .delete("/api/v1/orgs/{org}/webhooks/{id}", webhooks::delete, Op::new("Delete a webhook endpoint").tag("webhooks"))
+        .post("/api/v1/orgs/{org}/webhooks/{id}/rotate-secret", webhooks::rotate_secret, Op::new("Rotate a webhook's signing secret").tag("webhooks"))
+        .get("/api/v1/orgs/{org}/webhooks/{id}/deliveries", webhooks::deliveries, Op::new("List a webhook's deliveries").tag("webhooks").query::<webhooks::DeliveriesQuery>())
+        .get("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}", webhooks::delivery, Op::new("Get a delivery with its attempts").tag("webhooks"))
+        .post("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}/redeliver", webhooks::redeliver, Op::new("Send a delivery again").tag("webhooks").status(202))
+        .get("/api/v1/orgs/{org}/checks", health::list_checks, Op::new("List an org's checks").tag("checks"))
+        .post("/api/v1/orgs/{org}/checks", health::create_check, Op::new("Create a check").tag("checks").body::<health::CheckRequest>().status(201))
+        .get("/api/v1/orgs/{org}/checks/{id}", health::get_check, Op::new("Get a check").tag("checks"))
+        .put("/api/v1/orgs/{org}/checks/{id}", health::replace_check, Op::new("Replace a check").tag("checks").body::<health::CheckRequest>())
+        .delete("/api/v1/orgs/{org}/checks/{id}", health::delete_check, Op::new("Delete a check").tag("checks").no_content())
+        .get("/api/v1/agents/{id}/checks", health::agent_checks, Op::new("An agent's check states").tag("checks").query::<health::AgentChecksQuery>())
+        .get("/api/v1/orgs/{org}/alerts", health::list_alerts, Op::new("List an org's alerts").tag("alerts").query::<health::AlertsQuery>())
+        .get("/api/v1/orgs/{org}/alerts/{id}", health::get_alert, Op::new("Get an alert").tag("alerts"))
+        .post("/api/v1/orgs/{org}/alerts/{id}/acknowledge", health::acknowledge_alert, Op::new("Acknowledge an alert").tag("alerts"))
+        .get("/api/v1/orgs/{org}/silences", health::list_silences, Op::new("List an org's silences").tag("alerts"))
+        .post("/api/v1/orgs/{org}/silences", health::create_silence, Op::new("Create a silence").tag("alerts").body::<health::SilenceRequest>().status(201))
+        .delete("/api/v1/orgs/{org}/silences/{id}", health::delete_silence, Op::new("Delete a silence").tag("alerts").no_content())
+        .get("/api/v1/orgs/{org}/alert-rules", health::get_rules, Op::new("Get an org's alert rules").tag("alerts").response::<store::AlertRules>())
+        .put("/api/v1/orgs/{org}/alert-rules", health::put_rules, Op::new("Set an org's alert rules").tag("alerts").body::<store::AlertRules>().response::<store::AlertRules>())
+        .get("/api/v1/orgs/{org}/members", accounts::list_members, Op::new("List an org's members").tag("members"))
+        .put("/api/v1/orgs/{org}/members/{user}", accounts::put_member, Op::new("Add a member or change their role").tag("members").body::<accounts::MemberRequest>())
+        .delete("/api/v1/orgs/{org}/members/{user}", accounts::delete_member, Op::new("Remove a member").tag("members").no_content())
+        .get("/api/v1/orgs/{org}/invitations", accounts::list_invitations, Op::new("List an org's invitations").tag("members"))
+        .post("/api/v1/orgs/{org}/invitations", accounts::create_invitation, Op::new("Invite someone by email").tag("members").body::<accounts::InvitationRequest>().status(201))
+        .delete("/api/v1/orgs/{org}/invitations/{id}", accounts::revoke_invitation, Op::new("Revoke an invitation").tag("members"))
+        .post("/api/v1/invitations/accept", accounts::accept_invitation, Op::new("Accept an invitation; logs in").tag("members").public().body::<accounts::AcceptRequest>().error(401))
+        .get("/api/v1/orgs/{org}/api-keys", accounts::list_org_keys, Op::new("List an org's API keys").tag("api-keys"))
+        .post("/api/v1/orgs/{org}/api-keys", accounts::create_org_key, Op::new("Create an org API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201))
+        .delete("/api/v1/orgs/{org}/api-keys/{id}", accounts::revoke_org_key, Op::new("Revoke an org API key").tag("api-keys"))
+        .get("/api/v1/api-keys", accounts::list_operator_keys, Op::new("List operator API keys").tag("api-keys"))
+        .post("/api/v1/api-keys", accounts::create_operator_key, Op::new("Create an operator API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201))
+        .delete("/api/v1/api-keys/{id}", accounts::revoke_operator_key, Op::new("Revoke an operator API key").tag("api-keys"))
+        .get("/api/v1/users", accounts::list_users, Op::new("List accounts (operators)").tag("users"))
+        .post("/api/v1/users", accounts::create_user, Op::new("Create an account (operators)").tag("users").body::<accounts::UserRequest>().status(201).error(409))
+        .post("/api/v1/users/{id}/disable", accounts::disable_user, Op::new("Disable an account").tag("users"))
+        .post("/api/v1/users/{id}/enable", accounts::enable_user, Op::new("Enable an account").tag("users"))
+        .get("/api/v1/orgs/{org}/logs", org_logs, Op::new("Query the logs of an org's agents").tag("telemetry").query::<RecordQuery>())
+        .get("/api/v1/orgs/{org}/events", org_events, Op::new("Query the events of an org's agents").tag("telemetry").query::<RecordQuery>())
+        .get("/api/v1/orgs/{org}/audit", audit::org_log, Op::new("An org's audit log").describe(AUDIT_FORMATS).tag("audit").query::<audit::AuditQuery>())
+        .get("/api/v1/audit", audit::all, Op::new("The whole audit log (operators)").describe(AUDIT_FORMATS).tag("audit").query::<audit::AuditQuery>())
+        .page(MethodFilter::GET, "/", dashboard)
+        .page(MethodFilter::GET, "/login", login_page)
+        .page(MethodFilter::POST, "/login", login_form)
+        .page(MethodFilter::GET, headers::STYLESHEET_PATH, headers::stylesheet)
+        .page(MethodFilter::POST, "/logout", logout_form)
+}
+
+const AUDIT_FORMATS: &str = "JSON `{entries, next_cursor}`; with `?format=jsonl`, one entry per line as `application/x-ndjson` and the next cursor in `x-next-cursor`.";
+
 async fn count_requests(State(hub): State<Arc<Hub>>, request: Request, next: axum::middleware::Next) -> Response {
     Metrics::inc(&hub.metrics.http_requests);
     let mut response = next.run(request).await;
-    headers::security_headers(response.headers_mut(), headers::SERVES_TLS);
+    headers::security_headers(response.headers_mut(), hub.config.serves_tls());
     response
 }
 
@@ -371,20 +443,34 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     email: String,
     password: String,
+    /// The authenticator code, for accounts with two-factor login on.
+    #[serde(default)]
+    code: Option<String>,
 }
 
+/// `Set-Cookie` for the login session: `__Host-gantry_session=...; Secure` when browsers reach
+/// the hub over HTTPS, `gantry_session=...` otherwise; never a `Domain`.
 fn session_cookie(hub: &Hub, value: &str, max_age_secs: u64) -> HeaderValue {
-    let secure = if hub.config.public_url().starts_with("https://") { "; Secure" } else { "" };
-    let text = format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{secure}");
+    let name = auth::session_cookie_name(&hub.config);
+    let secure = if hub.config.secure_cookies() { "; Secure" } else { "" };
+    let text = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_secs}{secure}");
     HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-async fn check_login(hub: &Arc<Hub>, ip: Option<std::net::IpAddr>, email: String, password: String) -> ApiResult<store::User> {
+/// Check a login (throttled per account and address): the password, then the authenticator
+/// code when the account has two-factor login on.
+async fn check_login_with_code(
+    hub: &Arc<Hub>,
+    ip: Option<std::net::IpAddr>,
+    email: String,
+    password: String,
+    code: Option<String>,
+) -> ApiResult<store::User> {
     if email.len() > 254 || password.len() > auth::MAX_PASSWORD_BYTES {
         return Err(ApiError::bad_request("email or password too long"));
     }
@@ -394,33 +480,53 @@ async fn check_login(hub: &Arc<Hub>, ip: Option<std::net::IpAddr>, email: String
     let user = tokio::task::spawn_blocking(move || auth::login(&worker, &email, &password))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "login failed"))??;
-    limits::login_outcome(hub, &account, ip, user.is_some());
-    user.ok_or_else(|| {
+    let Some(user) = user else {
+        limits::login_outcome(hub, &account, ip, false);
         Metrics::inc(&hub.metrics.logins_failed);
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "email or password is wrong")
-    })
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "email or password is wrong"));
+    };
+    // With two-factor login on, the password alone neither succeeds nor clears the
+    // account's failures; a wrong code is a failed login.
+    match mfa::second_factor(hub, &user, code.as_deref())? {
+        mfa::SecondFactor::Missing => return Err(mfa::totp_required()),
+        mfa::SecondFactor::Wrong => {
+            limits::login_outcome(hub, &account, ip, false);
+            Metrics::inc(&hub.metrics.logins_failed);
+            return Err(mfa::invalid_totp());
+        }
+        mfa::SecondFactor::NotRequired | mfa::SecondFactor::Accepted => {}
+    }
+    limits::login_outcome(hub, &account, ip, true);
+    Ok(user)
 }
 
-async fn login(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::ClientIp, ApiJson(body): ApiJson<LoginRequest>) -> ApiResult<Response> {
-    let user = check_login(&hub, ip, body.email, body.password).await?;
-    let value = auth::start_session(&hub, &user)?;
+async fn login(
+    State(hub): State<Arc<Hub>>,
+    limits::ClientIp(ip): limits::ClientIp,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> ApiResult<Response> {
+    let user = check_login_with_code(&hub, ip, body.email, body.password, body.code).await?;
+    let value = auth::start_login_session(&hub, &user, session_cookie_value(&hub, &headers).as_deref())?;
     let cookie = session_cookie(&hub, &value, hub.config.session_absolute_timeout_secs);
     let body = Json(json!({ "user": { "id": user.id, "email": user.email, "operator": user.operator } }));
     Ok(([(header::SET_COOKIE, cookie)], body).into_response())
 }
 
 async fn logout(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> ApiResult<Response> {
-    if let Some(value) = cookie_value(&headers, SESSION_COOKIE) {
+    if let Some(value) = session_cookie_value(&hub, &headers) {
         auth::end_session(&hub, &value)?;
     }
     Ok(([(header::SET_COOKIE, session_cookie(&hub, "", 0))], StatusCode::NO_CONTENT).into_response())
 }
 
-async fn me(principal: Principal) -> Json<serde_json::Value> {
-    Json(json!({ "id": principal.id, "name": principal.name, "operator": principal.operator, "org": principal.org }))
+async fn me(State(hub): State<Arc<Hub>>, principal: Principal) -> ApiResult<Json<serde_json::Value>> {
+    let mut view = accounts::me_view(&hub, &principal)?;
+    view["totp_enabled"] = json!(mfa::totp_enabled(&hub, &principal)?);
+    Ok(Json(view))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateOrg {
     id: String,
@@ -443,7 +549,7 @@ pub fn validate_org_id(id: &str) -> Result<(), String> {
 }
 
 async fn create_org(State(hub): State<Arc<Hub>>, principal: Principal, ApiJson(body): ApiJson<CreateOrg>) -> ApiResult<Response> {
-    require_operator(&principal)?;
+    require_operator(&principal, Perm::Admin)?;
     validate_org_id(&body.id).map_err(ApiError::bad_request)?;
     let name = body.name.unwrap_or_else(|| body.id.clone());
     if name.trim().is_empty() || name.len() > 120 {
@@ -467,17 +573,19 @@ async fn create_org(State(hub): State<Arc<Hub>>, principal: Principal, ApiJson(b
 }
 
 async fn list_orgs(State(hub): State<Arc<Hub>>, principal: Principal) -> ApiResult<Json<serde_json::Value>> {
-    let orgs: Vec<_> = hub.store.orgs()?.iter().filter(|o| authorize_org(&principal, &o.id).is_ok()).map(org_view).collect();
+    let orgs: Vec<_> = hub.store.orgs()?.iter().filter(|o| principal.access.knows(&o.id)).map(org_view).collect();
     Ok(Json(json!({ "orgs": orgs })))
 }
 
 async fn get_org(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<serde_json::Value>> {
-    authorize_org(&principal, &org)?;
+    if !principal.access.knows(&org) {
+        return Err(ApiError::not_found(&format!("org {org}")));
+    }
     let org = hub.store.org(&org)?.ok_or_else(|| ApiError::not_found(&format!("org {org}")))?;
     Ok(Json(org_view(&org)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateToken {
     /// Duration text (`1h`) or seconds.
@@ -488,7 +596,7 @@ struct CreateToken {
 }
 
 async fn create_token(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>, ApiJson(body): ApiJson<CreateToken>) -> ApiResult<Response> {
-    authorize_org(&principal, &org)?;
+    authorize(&principal, &org, Perm::Admin, &format!("org {org}"))?;
     let ttl = match body.ttl {
         None => Duration::from_secs(3600),
         Some(serde_json::Value::Number(n)) => Duration::from_secs(n.as_u64().ok_or_else(|| ApiError::bad_request("ttl must be a positive number of seconds"))?),
@@ -516,27 +624,24 @@ async fn create_token(State(hub): State<Arc<Hub>>, principal: Principal, Path(or
 }
 
 async fn list_agents(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<serde_json::Value>> {
-    authorize_org(&principal, &org)?;
-    if hub.store.org(&org)?.is_none() {
-        return Err(ApiError::not_found(&format!("org {org}")));
-    }
+    org_in_scope(&hub, &principal, &org, Perm::Read)?;
     let agents: Vec<_> = hub.store.agents_of_org(&org)?.iter().map(|a| agent_view(&hub, a)).collect();
     Ok(Json(json!({ "agents": agents })))
 }
 
-pub(crate) fn find_agent(hub: &Hub, principal: &Principal, id: &str) -> ApiResult<Agent> {
+pub(crate) fn find_agent(hub: &Hub, principal: &Principal, id: &str, perm: Perm) -> ApiResult<Agent> {
     let agent = hub.store.agent(id)?.ok_or_else(|| ApiError::not_found(&format!("agent {id}")))?;
-    authorize_org(principal, &agent.org).map_err(|_| ApiError::not_found(&format!("agent {id}")))?;
+    authorize(principal, &agent.org, perm, &format!("agent {id}"))?;
     Ok(agent)
 }
 
 async fn get_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
-    let agent = find_agent(&hub, &principal, &id)?;
+    let agent = find_agent(&hub, &principal, &id, Perm::Read)?;
     Ok(Json(agent_view(&hub, &agent)))
 }
 
 async fn revoke_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
-    let before = find_agent(&hub, &principal, &id)?;
+    let before = find_agent(&hub, &principal, &id, Perm::Admin)?;
     let agent = hub.store.revoke_agent(&id, crate::wall_ms())?.ok_or_else(|| ApiError::not_found(&format!("agent {id}")))?;
     if before.revoked_at_ms.is_none() {
         crate::webhooks::agent_event(&hub, "agent.revoked", &id);
@@ -550,7 +655,7 @@ async fn revoke_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id
 // ---- telemetry queries ----
 
 /// Query string of the log and event endpoints.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecordQuery {
     /// RFC 3339 or Unix milliseconds, inclusive.
@@ -671,7 +776,7 @@ fn agent_records(
     class: gantry_shared::message::StreamClass,
     query: &RecordQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
-    find_agent(hub, principal, id)?;
+    find_agent(hub, principal, id, Perm::Read)?;
     let (filter, limit) = filter_of(query)?;
     let cursor = query.cursor.as_deref().map(parse_cursor).transpose()?.map(|(c, _)| c);
     let records = hub.store.records(id, class, &filter, cursor, limit)?;
@@ -705,7 +810,7 @@ fn org_records(
     class: gantry_shared::message::StreamClass,
     query: &RecordQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize_org(principal, org)?;
+    authorize(principal, org, Perm::Read, &format!("org {org}"))?;
     if hub.store.org(org)?.is_none() {
         return Err(ApiError::not_found(&format!("org {org}")));
     }
@@ -761,7 +866,7 @@ async fn org_events(
 }
 
 /// Query string of the live tail.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TailQuery {
     source: Option<String>,
@@ -789,7 +894,7 @@ async fn agent_logs_stream(
 ) -> ApiResult<Response> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use gantry_shared::message::StreamClass;
-    find_agent(&hub, &principal, &id)?;
+    find_agent(&hub, &principal, &id, Perm::Read)?;
     let filter = store::RecordFilter {
         source: query.source.clone(),
         container: query.container.clone(),
@@ -873,7 +978,7 @@ async fn agent_logs_stream(
 }
 
 /// Query string of the metrics endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricQuery {
     /// Metric name; without it, the names the agent has.
@@ -893,7 +998,7 @@ async fn agent_metrics(
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<MetricQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    find_agent(&hub, &principal, &id)?;
+    find_agent(&hub, &principal, &id, Perm::Read)?;
     let Some(name) = query.name else {
         return Ok(Json(json!({ "names": hub.store.metric_names(&id)? })));
     };
@@ -918,7 +1023,7 @@ async fn agent_metrics(
 // ---- dashboard pages ----
 
 async fn dashboard(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> ApiResult<Response> {
-    let principal = match cookie_value(&headers, SESSION_COOKIE) {
+    let principal = match session_cookie_value(&hub, &headers) {
         Some(value) => auth::principal_from_session(&hub, &value)?,
         None => None,
     };
@@ -927,7 +1032,7 @@ async fn dashboard(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> ApiResult
     };
     let mut orgs = Vec::new();
     for org in hub.store.orgs()? {
-        if authorize_org(&principal, &org.id).is_err() {
+        if !principal.access.knows(&org.id) {
             continue;
         }
         let agents = hub
@@ -963,11 +1068,14 @@ async fn login_page() -> Html<String> {
 struct LoginForm {
     email: String,
     password: String,
+    /// The authenticator code; the page always sends the field, empty when not needed.
+    #[serde(default)]
+    code: Option<String>,
 }
 
-async fn login_form(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::ClientIp, Form(form): Form<LoginForm>) -> Response {
-    match check_login(&hub, ip, form.email, form.password).await {
-        Ok(user) => match auth::start_session(&hub, &user) {
+async fn login_form(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::ClientIp, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+    match check_login_with_code(&hub, ip, form.email, form.password, form.code).await {
+        Ok(user) => match auth::start_login_session(&hub, &user, session_cookie_value(&hub, &headers).as_deref()) {
             Ok(value) => {
                 let cookie = session_cookie(&hub, &value, hub.config.session_absolute_timeout_secs);
                 ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
@@ -982,7 +1090,7 @@ async fn login_form(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::C
 }
 
 async fn logout_form(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Response {
-    if let Some(value) = cookie_value(&headers, SESSION_COOKIE) {
+    if let Some(value) = session_cookie_value(&hub, &headers) {
         let _ = auth::end_session(&hub, &value);
     }
     ([(header::SET_COOKIE, session_cookie(&hub, "", 0))], Redirect::to("/login")).into_response()

@@ -7,7 +7,8 @@
 //! returned, listed or logged: reads show names, hosts, usernames and timestamps only.
 //! They leave the hub only inside a deploy command to an agent the deployment targets.
 
-use super::{authorize_org, rfc3339, ApiError, ApiJson, ApiResult};
+use super::{org_in_scope, rfc3339, ApiError, ApiJson, ApiResult};
+use crate::access::Perm;
 use crate::auth::Principal;
 use crate::secrets::Kind;
 use crate::store::{StoredRegistry, StoredSecret};
@@ -28,14 +29,14 @@ pub const MAX_SECRETS_PER_ORG: usize = 1000;
 pub const MAX_REGISTRIES_PER_ORG: usize = 100;
 
 /// Body of `PUT .../secrets/{name}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRequest {
     pub value: String,
 }
 
 /// Body of `PUT .../registries/{host}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryRequest {
     pub username: String,
@@ -68,14 +69,6 @@ pub fn validate_registry_host(host: &str) -> Result<(), String> {
     }
 }
 
-fn known_org(hub: &Hub, principal: &Principal, org: &str) -> ApiResult<()> {
-    authorize_org(principal, org)?;
-    if hub.store.org(org)?.is_none() {
-        return Err(ApiError::not_found(&format!("org {org}")));
-    }
-    Ok(())
-}
-
 fn secret_view(secret: &StoredSecret) -> Value {
     json!({ "name": secret.name, "created_at": rfc3339(secret.created_at_ms), "updated_at": rfc3339(secret.updated_at_ms), "updated_by": secret.updated_by })
 }
@@ -96,7 +89,7 @@ fn sealing_failed(error: anyhow::Error) -> ApiError {
 }
 
 pub async fn list_secrets(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<Value>> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     let secrets: Vec<Value> = hub.store.secrets_of(&org)?.iter().map(secret_view).collect();
     Ok(Json(json!({ "secrets": secrets })))
 }
@@ -107,7 +100,7 @@ pub async fn put_secret(
     Path((org, name)): Path<(String, String)>,
     ApiJson(body): ApiJson<SecretRequest>,
 ) -> ApiResult<Response> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     validate_secret_name(&name).map_err(ApiError::bad_request)?;
     if body.value.len() > MAX_SECRET_BYTES {
         return Err(ApiError::bad_request(format!("value must be at most {MAX_SECRET_BYTES} bytes")));
@@ -133,7 +126,7 @@ pub async fn put_secret(
 }
 
 pub async fn delete_secret(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     if !hub.store.delete_secret(&org, &name)? {
         return Err(ApiError::not_found(&format!("secret {name}")));
     }
@@ -142,7 +135,7 @@ pub async fn delete_secret(State(hub): State<Arc<Hub>>, principal: Principal, Pa
 }
 
 pub async fn list_registries(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<Value>> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     let registries: Vec<Value> = hub.store.registries_of(&org)?.iter().map(registry_view).collect();
     Ok(Json(json!({ "registries": registries })))
 }
@@ -153,7 +146,7 @@ pub async fn put_registry(
     Path((org, server)): Path<(String, String)>,
     ApiJson(body): ApiJson<RegistryRequest>,
 ) -> ApiResult<Response> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     validate_registry_host(&server).map_err(ApiError::bad_request)?;
     if body.username.is_empty() || body.username.len() > 256 || body.username.chars().any(char::is_control) {
         return Err(ApiError::bad_request("username must be 1 to 256 printable characters"));
@@ -183,7 +176,7 @@ pub async fn put_registry(
 }
 
 pub async fn delete_registry(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, server)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     if !hub.store.delete_registry(&org, &server)? {
         return Err(ApiError::not_found(&format!("registry login for {server}")));
     }

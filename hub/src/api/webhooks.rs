@@ -7,7 +7,8 @@
 //! body is validated completely before anything is written. Sending is
 //! `crate::webhooks`'s job, not this module's.
 
-use super::{authorize_org, rfc3339, ApiError, ApiJson, ApiQuery, ApiResult};
+use super::{org_in_scope, rfc3339, ApiError, ApiJson, ApiQuery, ApiResult};
+use crate::access::Perm;
 use crate::auth::Principal;
 use crate::secrets::Kind;
 use crate::store::{DeliveryStatus, Webhook, WebhookDelivery};
@@ -30,7 +31,7 @@ pub const DEFAULT_DELIVERY_PAGE: usize = 50;
 pub const MAX_DELIVERY_PAGE: usize = 500;
 
 /// Body of create, `PUT` (replace) and `PATCH` (change the given fields).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookRequest {
     /// `http://` or `https://` URL with a host; required to create and to replace.
@@ -44,7 +45,7 @@ pub struct WebhookRequest {
 }
 
 /// Query string of the delivery log.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveriesQuery {
     /// Page size (default 50, at most 500).
@@ -124,16 +125,8 @@ fn check(body: WebhookRequest, complete: bool) -> ApiResult<Checked> {
     Ok(Checked { url: body.url, events, description, enabled })
 }
 
-fn known_org(hub: &Hub, principal: &Principal, org: &str) -> ApiResult<()> {
-    authorize_org(principal, org)?;
-    if hub.store.org(org)?.is_none() {
-        return Err(ApiError::not_found(&format!("org {org}")));
-    }
-    Ok(())
-}
-
 fn find(hub: &Hub, principal: &Principal, org: &str, id: &str) -> ApiResult<Webhook> {
-    known_org(hub, principal, org)?;
+    org_in_scope(hub, principal, org, Perm::Admin)?;
     hub.store.webhook(org, id)?.ok_or_else(|| ApiError::not_found(&format!("webhook {id}")))
 }
 
@@ -193,13 +186,13 @@ fn sealing_failed(error: anyhow::Error) -> ApiError {
 }
 
 pub async fn list(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>) -> ApiResult<Json<Value>> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     let webhooks: Vec<Value> = hub.store.webhooks_of(&org)?.iter().map(webhook_view).collect();
     Ok(Json(json!({ "webhooks": webhooks })))
 }
 
 pub async fn create(State(hub): State<Arc<Hub>>, principal: Principal, Path(org): Path<String>, ApiJson(body): ApiJson<WebhookRequest>) -> ApiResult<Response> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     let checked = check(body, true)?;
     if hub.store.webhooks_of(&org)?.len() >= MAX_WEBHOOKS_PER_ORG {
         return Err(ApiError::new(StatusCode::CONFLICT, "limit", format!("org {org} has {MAX_WEBHOOKS_PER_ORG} webhooks, the most allowed")));
@@ -275,7 +268,7 @@ fn change(hub: &Hub, principal: &Principal, org: &str, id: &str, checked: Checke
 }
 
 pub async fn delete(State(hub): State<Arc<Hub>>, principal: Principal, Path((org, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    known_org(&hub, &principal, &org)?;
+    org_in_scope(&hub, &principal, &org, Perm::Admin)?;
     if !hub.store.delete_webhook(&org, &id)? {
         return Err(ApiError::not_found(&format!("webhook {id}")));
     }

@@ -105,7 +105,7 @@ impl Silence {
 }
 
 /// An org's alert rules: thresholds, and which rules are on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertRules {
     /// An agent disconnected this long fires `agent_offline` (0 turns the rule off).

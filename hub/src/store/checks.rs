@@ -28,7 +28,7 @@ impl Trees {
 /// Which of the org's agents run a check: every agent when all fields are empty,
 /// otherwise the union of the listed agents, the agents whose labels include every pair of
 /// `selector`, and the targets of `deployment`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckScope {
     #[serde(default)]

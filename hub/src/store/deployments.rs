@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 /// Which agents of the org a deployment runs on: listed ids, or every agent whose labels
 /// include all of `selector`'s pairs (or both: the union).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Targets {
     #[serde(default)]

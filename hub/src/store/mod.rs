@@ -14,6 +14,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::path::Path;
 
+mod accounts;
 mod alerts;
 mod audit;
 mod checks;
@@ -22,6 +23,7 @@ mod secrets;
 mod segments;
 mod telemetry;
 mod webhooks;
+pub use accounts::{Invitation, Membership, Spend};
 pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
 pub use audit::{entry_hash, verify_chain, AuditEntry, AuditFilter, AuditPage, AuditVerdict, Head as AuditHead, NewAuditEntry, AUDIT_SCAN_LIMIT, GENESIS_HASH};
 pub use checks::{CheckConfig, CheckScope, CheckStatus};
@@ -102,6 +104,9 @@ pub struct User {
     pub operator: bool,
     pub disabled: bool,
     pub created_at_ms: i64,
+    /// TOTP second factor, pending until confirmed with a code (see `totp.rs`).
+    #[serde(default)]
+    pub totp: Option<crate::totp::Factor>,
 }
 
 /// A login session; the key is the SHA-256 of the cookie value, never the value itself.
@@ -124,6 +129,19 @@ pub struct ApiKey {
     pub created_by: String,
     pub created_at_ms: i64,
     pub revoked: bool,
+    /// What the key may do (keys from before scopes existed hold all of them).
+    #[serde(default = "crate::access::Scope::all")]
+    pub scopes: Vec<crate::access::Scope>,
+    /// The user who made it: the key can never do more than that user still may, and stops
+    /// working when the user is disabled. `None` for keys made by the CLI at init.
+    #[serde(default)]
+    pub created_by_user: Option<String>,
+    /// After this the key is refused.
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
+    /// Last successful use (recorded at most once a minute).
+    #[serde(default)]
+    pub last_used_ms: Option<i64>,
 }
 
 /// An enrollment token; the secret is stored as its SHA-256 only.
@@ -241,6 +259,8 @@ pub struct Store {
     alerts: alerts::Trees,
     /// The hash-chained audit log: see `audit.rs`.
     audit: audit::Trees,
+    /// Memberships and invitations: see `accounts.rs`.
+    accounts: accounts::Trees,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -327,6 +347,7 @@ impl Store {
             checks: checks::Trees::open(&db)?,
             alerts: alerts::Trees::open(&db)?,
             audit: audit::Trees::open(&db)?,
+            accounts: accounts::Trees::open(&db)?,
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
             users: db.open_tree("users")?,

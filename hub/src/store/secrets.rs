@@ -84,6 +84,7 @@ impl Store {
 
     /// Whether any value is sealed in the store (then the key file must be the same one).
     pub fn has_sealed_values(&self) -> Result<bool, Error> {
-        Ok(!self.secrets.is_empty() || !self.registries.is_empty() || self.webhooks.has_sealed())
+        // Users' TOTP secrets are sealed too; losing the key would lock those users out.
+        Ok(!self.secrets.is_empty() || !self.registries.is_empty() || self.webhooks.has_sealed() || self.users()?.iter().any(|u| u.totp.is_some()))
     }
 }
