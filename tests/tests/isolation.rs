@@ -202,6 +202,13 @@ async fn furnish(hub: &TestHub, org: &str, dir: &std::path::Path) -> (Api, Fixtu
     (owner, f)
 }
 
+/// Whether an audited `METHOD /template` is the table's route, whatever the hub names
+/// the path parameters.
+fn same_route(audited: &str, route: &str) -> bool {
+    let shape = |text: &str| text.split('/').map(|part| if part.starts_with('{') { "{}" } else { part }).collect::<Vec<_>>().join("/");
+    shape(audited) == shape(route)
+}
+
 fn fill(path: &str, f: &Fixtures) -> String {
     f.iter().fold(path.to_string(), |path, (name, value)| path.replace(&format!("{{{name}}}"), value))
 }
@@ -300,5 +307,29 @@ async fn every_route_refuses_other_orgs_and_missing_permissions_and_changes_noth
     let after = (snapshot(&hub, &acme).await, snapshot(&hub, &globex).await);
     assert_eq!(before.0, after.0, "refused requests changed acme");
     assert_eq!(before.1, after.1, "refused requests changed globex");
+
+    // Every mutating route left audit entries for its refusals: 403 by acme's members in
+    // acme, 404 in globex, each with the caller's name.
+    let mut audited: BTreeMap<String, std::collections::BTreeSet<(String, String)>> = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = format!("/api/v1/audit?limit=1000{}", cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default());
+        let (code, body) = hub.api().get(&page).await;
+        assert_eq!(code, 200, "{body}");
+        for entry in body["entries"].as_array().unwrap() {
+            let set = audited.entry(entry["action"].as_str().unwrap().to_string()).or_default();
+            set.insert((entry["outcome"].as_str().unwrap().to_string(), entry["actor"].as_str().unwrap().to_string()));
+        }
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    for route in routes().iter().filter(|r| r.method != "GET") {
+        let action = format!("{} {}", route.method, route.path.replace("{dep}", "{id}"));
+        let outcomes = audited.iter().filter(|(a, _)| same_route(a, &action)).flat_map(|(_, s)| s.iter().cloned()).collect::<Vec<_>>();
+        assert!(outcomes.iter().any(|(o, who)| o == "404" && who.ends_with("@acme.example.com")), "{action}: no 404 entry in {outcomes:?}");
+        assert!(outcomes.iter().any(|(o, who)| o == "403" && who == "viewer@acme.example.com"), "{action}: no 403 entry for the viewer in {outcomes:?}");
+    }
     hub.stop().await;
 }
