@@ -142,6 +142,43 @@ pub fn login_page(error: Option<&str>) -> String {
     page("Sign in", &body)
 }
 
+/// The page an invitation link opens: who is invited where, and a password field (a new
+/// one for a new account, the existing one otherwise). `token` is `None` when the link is
+/// no good; `error` says why or what went wrong.
+#[derive(Debug)]
+pub struct InvitePage<'a> {
+    pub token: Option<&'a str>,
+    pub email: &'a str,
+    pub org: &'a str,
+    pub role: &'a str,
+    pub has_account: bool,
+    pub error: Option<&'a str>,
+}
+
+pub fn invite_page(view: &InvitePage) -> String {
+    let error = view.error.map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))).unwrap_or_default();
+    let Some(token) = view.token else {
+        return page("Invitation", &format!("<form class=\"login\"><h1>Invitation</h1>{error}<p>Ask whoever invited you for a new link.</p></form>"));
+    };
+    let (label, autocomplete, code) = if view.has_account {
+        (
+            "Your password",
+            "current-password",
+            "<label for=\"code\">Authenticator code <small>(if two-factor login is on)</small></label><input id=\"code\" name=\"code\" type=\"text\" inputmode=\"numeric\" maxlength=\"7\" autocomplete=\"one-time-code\">",
+        )
+    } else {
+        ("Choose a password <small>(at least 12 characters)</small>", "new-password", "")
+    };
+    let body = format!(
+        "<form class=\"login\" method=\"post\" action=\"/invite\"><h1>Join {org}</h1>{error}<p>{email} is invited to <strong>{org}</strong> as <strong>{role}</strong>.</p><input type=\"hidden\" name=\"token\" value=\"{token}\"><input type=\"hidden\" name=\"email\" value=\"{email}\" autocomplete=\"username\"><label for=\"password\">{label}</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"{autocomplete}\" required>{code}<button type=\"submit\">Join</button></form>",
+        org = escape(view.org),
+        email = escape(view.email),
+        role = escape(view.role),
+        token = escape(token),
+    );
+    page("Invitation", &body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -553,7 +553,7 @@ impl Config {
     /// Whether browsers reach the hub over HTTPS: it serves TLS itself, or `public_url` is
     /// `https://` (a TLS-terminating proxy in front). Session cookies are then `Secure`.
     pub fn secure_cookies(&self) -> bool {
-        self.serves_tls() || self.public_url().starts_with("https://")
+        self.serves_tls() || self.public_url.as_deref().is_some_and(|url| url.starts_with("https://"))
     }
 
     /// Base URL for printed links.

@@ -187,6 +187,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop_handshakes = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
@@ -205,8 +206,17 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let watcher = graceful.watcher();
+        let mut stopping = stop_handshakes.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            // A handshake still going on at shutdown is dropped rather than waited for.
+            let stopping = async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            let handshake = tokio::select! {
+                result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => result,
+                () = stopping => return,
+            };
+            let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 // Debug level: scanners and plain-HTTP clients fail here all day long.
                 Ok(Err(error)) => {

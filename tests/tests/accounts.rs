@@ -164,11 +164,36 @@ async fn invitations_roles_keys_and_disabling_work_as_people_expect() {
     let brief = operator.with_bearer(brief["key"].as_str().unwrap());
     wait_for(Duration::from_secs(10), "the key to expire", || async { (brief.get("/api/v1/orgs/acme/agents").await.0 == 401).then_some(()) }).await;
 
+    // The link opens a page; its form joins and logs in like the API does.
+    let (code, invitation) = alice.post("/api/v1/orgs/acme/invitations", &json!({ "email": "frank@example.com", "role": "viewer" })).await;
+    assert_eq!(code, 201, "{invitation}");
+    let link = invitation["url"].as_str().unwrap();
+    let path = &link[link.find("/invite").unwrap()..];
+    let (code, _, page) = operator.anonymous().send("GET", path, None, vec![]).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("frank@example.com is invited to <strong>acme</strong> as <strong>viewer</strong>"), "{page}");
+    assert!(page.contains("autocomplete=\"new-password\""), "a new account chooses a password: {page}");
+    let form = format!("token={}&email=frank%40example.com&password=short", invitation["token"].as_str().unwrap());
+    let (code, _, page) = operator.anonymous().send("POST", "/invite", Some("application/x-www-form-urlencoded"), form.into_bytes()).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("at least 12 characters"), "the page says what was wrong: {page}");
+    let form = format!("token={}&email=frank%40example.com&password={}", invitation["token"].as_str().unwrap(), PASSWORD.replace(' ', "+"));
+    let (code, headers, _) = operator.anonymous().send("POST", "/invite", Some("application/x-www-form-urlencoded"), form.into_bytes()).await;
+    assert_eq!((code, headers.get("location").map(|l| l.to_str().unwrap())), (303, Some("/")));
+    let cookie = headers.get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
+    let frank = Api { cookie: Some(cookie), ..operator.anonymous() };
+    assert_eq!(me(&frank).await["memberships"], json!([{ "org": "acme", "role": "viewer" }]));
+    let (code, _, page) = operator.anonymous().send("GET", path, None, vec![]).await;
+    assert_eq!(code, 410, "a spent link says so: {page}");
+    assert!(page.contains("already been used"), "{page}");
+    let (code, _, page) = operator.anonymous().send("GET", "/invite?token=gi_nope.nope", None, vec![]).await;
+    assert_eq!(code, 404, "{page}");
+
     // Operators see everyone.
     let (code, users) = operator.get("/api/v1/users").await;
     assert_eq!(code, 200);
     let emails: Vec<&str> = users["users"].as_array().unwrap().iter().map(|u| u["email"].as_str().unwrap()).collect();
-    assert_eq!(emails, ["alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com", "erin@example.com", ADMIN_EMAIL]);
+    assert_eq!(emails, ["alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com", "erin@example.com", "frank@example.com", ADMIN_EMAIL]);
     assert_eq!(viewer.get("/api/v1/users").await.0, 403);
     hub.stop().await;
 }

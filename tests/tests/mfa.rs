@@ -75,6 +75,8 @@ async fn totp_enrolment_login_and_removal() {
     let (_, me) = client.get("/api/v1/auth/me").await;
     assert_eq!(me["totp_enabled"], false, "{me}");
 
+    assert!(!hub.hub.store.has_sealed_values().unwrap());
+
     // API keys cannot enrol: a second factor belongs to a person.
     let (status, body) = hub.api().post("/api/v1/auth/totp", &json!({})).await;
     assert_eq!((status, error_code(&body)), (403, "forbidden"), "{body}");
@@ -92,6 +94,7 @@ async fn totp_enrolment_login_and_removal() {
     assert!(!stored.enabled);
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     assert!(!stored.sealed_secret.contains(&hex) && !stored.sealed_secret.contains(text), "the secret is stored sealed");
+    assert!(hub.hub.store.has_sealed_values().unwrap(), "the secrets key is now needed: a different one is refused at start");
     let (_, me) = client.get("/api/v1/auth/me").await;
     assert_eq!(me["totp_enabled"], false, "pending is not on: {me}");
     assert_eq!(hub.api().anonymous().login(&login_body(None)).await.0, 200, "a pending factor is not asked for");
@@ -190,6 +193,24 @@ async fn wrong_codes_count_toward_the_login_throttle() {
     // The refused code was not spent: it still works once the throttle is lifted.
     hub.hub.limiter.login_succeeded(ADMIN_EMAIL);
     assert_eq!(anonymous.login(&login_body(Some(&right))).await.0, 200);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_sent_twice_at_once_logs_in_once() {
+    let dir = TempDir::new("mfa-race");
+    let hub = TestHub::start(dir.path(), |_| {}).await;
+    let (secret, step) = turn_on_totp(&session(&hub).await).await;
+    let code = next_code(&secret, step);
+    let body = login_body(Some(&code));
+    let anonymous = hub.api().anonymous();
+    let (first, second) = tokio::join!(anonymous.login(&body), anonymous.login(&body));
+    let mut statuses = [first.0, second.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 401], "{} / {}", first.1, second.1);
+    let refused = if first.0 == 401 { &first } else { &second };
+    assert_eq!(error_code(&refused.1), "invalid_totp", "{}", refused.1);
+    assert!(refused.2.is_none(), "no session for the replay");
     hub.stop().await;
 }
 

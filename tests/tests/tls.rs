@@ -41,6 +41,21 @@ async fn plain_http_answer(addr: SocketAddr) -> Vec<u8> {
     answer
 }
 
+/// A TLS connection to `addr` (as `localhost`, trusting `pem`) that sends nothing.
+async fn tls_connect(addr: SocketAddr, pem: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_self_signed_hub_serves_https_with_a_host_only_secure_cookie_and_hsts() {
     let dir = TempDir::new("tls-self-signed");
@@ -84,8 +99,17 @@ async fn a_self_signed_hub_serves_https_with_a_host_only_secure_cookie_and_hsts(
     assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was answered: {}", String::from_utf8_lossy(&answer));
     assert_eq!(hub.api().get_status("/healthz").await, 0);
 
-    // The certificate is made once: a restart serves the same one.
+    // Shutdown neither waits for an idle HTTPS connection nor for a handshake that never
+    // started, and releases the port.
+    let idle = tls_connect(hub.http, &pem).await;
+    let silent = tokio::net::TcpStream::connect(hub.http).await.unwrap();
+    let (addr, started) = (hub.http, std::time::Instant::now());
     hub.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(4), "stopping took {:?}", started.elapsed());
+    std::net::TcpListener::bind(addr).expect("the HTTPS port is released");
+    drop((idle, silent));
+
+    // The certificate is made once: a restart serves the same one.
     let hub = TestHub::start_tls(dir.path(), self_signed).await;
     assert_eq!(self_signed_pem(dir.path()), pem, "the self-signed certificate is kept across restarts");
     let (status, _, _) = https_send(hub.http, "localhost", &pem, "GET", "/healthz", &[], Vec::new()).await.unwrap();

@@ -18,11 +18,12 @@ use crate::access::{Perm, Perms, Role, Scope};
 use crate::auth::{self, NewApiKey, Principal};
 use crate::store::{ApiKey, Invitation, Membership, Spend, User};
 use crate::Hub;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header::{self, HeaderMap};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::{Form, Json};
+use gantry_dashboards::InvitePage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -255,14 +256,9 @@ fn spend_refusal(why: Spend) -> ApiError {
 
 /// Accept an invitation: the account is the invited address's (created with `password`
 /// when it has none, otherwise proven by its password), the membership is added, and the
-/// caller is logged in. The link works once.
-pub async fn accept_invitation(
-    State(hub): State<Arc<Hub>>,
-    limits::ClientIp(ip): limits::ClientIp,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<AcceptRequest>,
-) -> ApiResult<Response> {
-    let invitation = invitation_for(&hub, &body.token)?;
+/// caller is logged in (any session the request carried ends). The link works once.
+async fn accept(hub: &Arc<Hub>, ip: Option<std::net::IpAddr>, headers: &HeaderMap, body: AcceptRequest) -> ApiResult<(Invitation, User, String)> {
+    let invitation = invitation_for(hub, &body.token)?;
     // Refuse a spent, withdrawn or expired link before touching any account.
     if invitation.revoked {
         return Err(spend_refusal(Spend::Revoked));
@@ -274,7 +270,7 @@ pub async fn accept_invitation(
         return Err(spend_refusal(Spend::Expired));
     }
     let user = match hub.store.user_by_email(&invitation.email)? {
-        Some(_) => super::check_login_with_code(&hub, ip, invitation.email.clone(), body.password, body.code).await?,
+        Some(_) => super::check_login_with_code(hub, ip, invitation.email.clone(), body.password, body.code).await?,
         None => {
             let worker = hub.clone();
             let email = invitation.email.clone();
@@ -296,14 +292,75 @@ pub async fn accept_invitation(
             added_at_ms: crate::wall_ms(),
         })?;
     }
-    if let Some(old) = session_cookie_value(&hub, &headers) {
-        auth::end_session(&hub, &old)?;
-    }
-    let value = auth::start_session(&hub, &user)?;
-    let cookie = session_cookie(&hub, &value, hub.config.session_absolute_timeout_secs);
+    let session = auth::start_login_session(hub, &user, session_cookie_value(hub, headers).as_deref())?;
     tracing::info!(org = %invitation.org, user = %user.email, role = %invitation.role, "invitation accepted");
+    Ok((invitation, user, session))
+}
+
+pub async fn accept_invitation(
+    State(hub): State<Arc<Hub>>,
+    limits::ClientIp(ip): limits::ClientIp,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<AcceptRequest>,
+) -> ApiResult<Response> {
+    let (invitation, user, session) = accept(&hub, ip, &headers, body).await?;
+    let cookie = session_cookie(&hub, &session, hub.config.session_absolute_timeout_secs);
     let body = json!({ "user": { "id": user.id, "email": user.email }, "org": invitation.org, "role": invitation.role });
     Ok(([(header::SET_COOKIE, cookie)], Json(body)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InviteQuery {
+    pub token: Option<String>,
+}
+
+/// `GET /invite?token=...`: the page an invitation link opens.
+pub async fn invite_page(State(hub): State<Arc<Hub>>, Query(query): Query<InviteQuery>) -> Response {
+    invite_html(&hub, query.token.as_deref().unwrap_or_default(), None, StatusCode::OK)
+}
+
+fn invite_html(hub: &Hub, token: &str, error: Option<&str>, status: StatusCode) -> Response {
+    let checked = invitation_for(hub, token).and_then(|i| match () {
+        _ if i.revoked => Err(spend_refusal(Spend::Revoked)),
+        _ if i.accepted_at_ms.is_some() => Err(spend_refusal(Spend::Used)),
+        _ if crate::wall_ms() >= i.expires_at_ms => Err(spend_refusal(Spend::Expired)),
+        _ => Ok(i),
+    });
+    let html = match &checked {
+        Ok(i) => {
+            let has_account = hub.store.user_by_email(&i.email).ok().flatten().is_some();
+            let view = InvitePage { token: Some(token), email: &i.email, org: &i.org, role: i.role.name(), has_account, error };
+            gantry_dashboards::invite_page(&view)
+        }
+        Err(refusal) => {
+            let view = InvitePage { token: None, email: "", org: "", role: "", has_account: false, error: Some(&refusal.message) };
+            return (refusal.status, Html(gantry_dashboards::invite_page(&view))).into_response();
+        }
+    };
+    (status, Html(html)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InviteForm {
+    pub token: String,
+    pub password: String,
+    #[serde(default)]
+    pub code: Option<String>,
+    // The page also sends `email` for password managers; the invitation decides the
+    // address, so it is ignored.
+}
+
+/// `POST /invite`: the form on that page; logs in and opens the dashboard.
+pub async fn invite_form(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::ClientIp, headers: HeaderMap, Form(form): Form<InviteForm>) -> Response {
+    let code = form.code.filter(|c| !c.trim().is_empty());
+    let request = AcceptRequest { token: form.token.clone(), password: form.password, code };
+    match accept(&hub, ip, &headers, request).await {
+        Ok((_, _, session)) => {
+            let cookie = session_cookie(&hub, &session, hub.config.session_absolute_timeout_secs);
+            ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+        }
+        Err(error) => limits::with_retry_after(invite_html(&hub, &form.token, Some(&error.message), error.status), error.retry_after_secs),
+    }
 }
 
 // ---- API keys ----

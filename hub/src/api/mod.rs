@@ -19,6 +19,7 @@ mod secrets;
 mod webhooks;
 
 pub(crate) use forwarded::client_ip;
+pub use openapi::{Op, Routes};
 
 use crate::access::{Perm, Refusal};
 use crate::auth::{self, Principal};
@@ -26,7 +27,6 @@ use crate::enroll::{self, TokenRequest, TokenRequestError};
 use crate::metrics::Metrics;
 use crate::store::{self, Agent, Org};
 use crate::Hub;
-pub use openapi::{Op, Routes};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
@@ -411,6 +411,8 @@ pub fn routes() -> Routes {
         .page(MethodFilter::GET, "/", dashboard)
         .page(MethodFilter::GET, "/login", login_page)
         .page(MethodFilter::POST, "/login", login_form)
+        .page(MethodFilter::GET, "/invite", accounts::invite_page)
+        .page(MethodFilter::POST, "/invite", accounts::invite_form)
         .page(MethodFilter::GET, headers::STYLESHEET_PATH, headers::stylesheet)
         .page(MethodFilter::POST, "/logout", logout_form)
 }
@@ -464,13 +466,7 @@ fn session_cookie(hub: &Hub, value: &str, max_age_secs: u64) -> HeaderValue {
 
 /// Check a login (throttled per account and address): the password, then the authenticator
 /// code when the account has two-factor login on.
-async fn check_login_with_code(
-    hub: &Arc<Hub>,
-    ip: Option<std::net::IpAddr>,
-    email: String,
-    password: String,
-    code: Option<String>,
-) -> ApiResult<store::User> {
+async fn check_login_with_code(hub: &Arc<Hub>, ip: Option<std::net::IpAddr>, email: String, password: String, code: Option<String>) -> ApiResult<store::User> {
     if email.len() > 254 || password.len() > auth::MAX_PASSWORD_BYTES {
         return Err(ApiError::bad_request("email or password too long"));
     }
