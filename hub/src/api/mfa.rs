@@ -31,6 +31,7 @@ const NO_ORG: &str = "";
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmRequest {
+    /// The current 6-digit code from the authenticator app.
     pub code: String,
 }
 
@@ -38,7 +39,9 @@ pub struct ConfirmRequest {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DisableRequest {
+    /// A current 6-digit code (one not used before).
     pub code: Option<String>,
+    /// The account's password.
     pub password: Option<String>,
 }
 
