@@ -242,8 +242,9 @@ pub fn principal_from_session(hub: &Hub, cookie_value: &str) -> Result<Option<Pr
         hub.store.delete_session(&key)?;
         return Ok(None);
     }
-    // Refresh at most once a minute to keep writes down.
-    if now - session.last_seen_ms > 60_000 {
+    // Refresh at most once a minute to keep writes down (more often under a short idle
+    // timeout, so a session in use never lapses).
+    if now - session.last_seen_ms > (idle / 2).min(60_000) {
         session.last_seen_ms = now;
         hub.store.put_session(&key, &session)?;
     }
