@@ -255,7 +255,10 @@ pub fn principal_from_session(hub: &Hub, cookie_value: &str) -> Result<Option<Pr
 /// Create an API key with every scope; returns the record and the full key text (shown
 /// once).
 pub fn create_api_key(hub: &Hub, name: &str, org: Option<String>, created_by: &str) -> Result<(ApiKey, String), store::Error> {
-    create_scoped_api_key(hub, NewApiKey { name: name.to_string(), org, created_by: created_by.to_string(), created_by_user: None, scopes: Scope::all(), expires_at_ms: None })
+    create_scoped_api_key(
+        hub,
+        NewApiKey { name: name.to_string(), org, created_by: created_by.to_string(), created_by_user: None, scopes: Scope::all(), expires_at_ms: None },
+    )
 }
 
 /// What a new API key is.

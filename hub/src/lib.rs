@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod billing;
 pub mod checks;
 pub mod cli;
 pub mod config;

@@ -192,7 +192,9 @@ fn same_origin(headers: &HeaderMap) -> bool {
 pub(crate) fn authorize(principal: &Principal, org: &str, perm: Perm, what: &str) -> ApiResult<()> {
     principal.check(org, perm).map_err(|refusal| match refusal {
         Refusal::NotMember => ApiError::not_found(what),
-        Refusal::Lacks(perm) => ApiError::forbidden(format!("this needs the {} permission in org {org}, which your role or key scopes do not grant", perm.name())),
+        Refusal::Lacks(perm) => {
+            ApiError::forbidden(format!("this needs the {} permission in org {org}, which your role or key scopes do not grant", perm.name()))
+        }
     })
 }
 
@@ -350,29 +352,61 @@ pub fn routes() -> Routes {
         .get("/api/v1/agents/{id}/events", agent_events, Op::new("Query an agent's events").tag("telemetry").query::<RecordQuery>())
         .get("/api/v1/agents/{id}/metrics", agent_metrics, Op::new("An agent's metric names, or one metric's series").tag("telemetry").query::<MetricQuery>())
         .get("/api/v1/orgs/{org}/deployments", deployments::list, Op::new("List an org's deployments").tag("deployments"))
-        .post("/api/v1/orgs/{org}/deployments", deployments::create, Op::new("Create a deployment").tag("deployments").body::<deployments::DeploymentRequest>().status(201))
+        .post(
+            "/api/v1/orgs/{org}/deployments",
+            deployments::create,
+            Op::new("Create a deployment").tag("deployments").body::<deployments::DeploymentRequest>().status(201),
+        )
         .get("/api/v1/deployments/{id}", deployments::get, Op::new("Get a deployment").tag("deployments"))
-        .put("/api/v1/deployments/{id}", deployments::update, Op::new("Update a deployment (a new revision)").tag("deployments").body::<deployments::DeploymentRequest>())
+        .put(
+            "/api/v1/deployments/{id}",
+            deployments::update,
+            Op::new("Update a deployment (a new revision)").tag("deployments").body::<deployments::DeploymentRequest>(),
+        )
         .delete("/api/v1/deployments/{id}", deployments::delete, Op::new("Delete a deployment").tag("deployments"))
-        .post("/api/v1/deployments/{id}/rollback", deployments::rollback, Op::new("Roll a deployment back").tag("deployments").body::<deployments::RollbackRequest>())
+        .post(
+            "/api/v1/deployments/{id}/rollback",
+            deployments::rollback,
+            Op::new("Roll a deployment back").tag("deployments").body::<deployments::RollbackRequest>(),
+        )
         .get("/api/v1/deployments/{id}/revisions", deployments::revisions, Op::new("List a deployment's revisions").tag("deployments"))
         .get("/api/v1/deployments/{id}/progress", deployments::progress, Op::new("Progress of a deployment per agent").tag("deployments").event_stream())
         .get("/api/v1/orgs/{org}/secrets", secrets::list_secrets, Op::new("List an org's secrets (names only)").tag("secrets"))
         .put("/api/v1/orgs/{org}/secrets/{name}", secrets::put_secret, Op::new("Set a secret").tag("secrets").body::<secrets::SecretRequest>().or_status(201))
         .delete("/api/v1/orgs/{org}/secrets/{name}", secrets::delete_secret, Op::new("Delete a secret").tag("secrets"))
         .get("/api/v1/orgs/{org}/registries", secrets::list_registries, Op::new("List an org's registry logins").tag("secrets"))
-        .put("/api/v1/orgs/{org}/registries/{server}", secrets::put_registry, Op::new("Set a registry login").tag("secrets").body::<secrets::RegistryRequest>().or_status(201))
+        .put(
+            "/api/v1/orgs/{org}/registries/{server}",
+            secrets::put_registry,
+            Op::new("Set a registry login").tag("secrets").body::<secrets::RegistryRequest>().or_status(201),
+        )
         .delete("/api/v1/orgs/{org}/registries/{server}", secrets::delete_registry, Op::new("Delete a registry login").tag("secrets"))
         .get("/api/v1/orgs/{org}/webhooks", webhooks::list, Op::new("List an org's webhook endpoints").tag("webhooks"))
-        .post("/api/v1/orgs/{org}/webhooks", webhooks::create, Op::new("Create a webhook endpoint").tag("webhooks").body::<webhooks::WebhookRequest>().status(201))
+        .post(
+            "/api/v1/orgs/{org}/webhooks",
+            webhooks::create,
+            Op::new("Create a webhook endpoint").tag("webhooks").body::<webhooks::WebhookRequest>().status(201),
+        )
         .get("/api/v1/orgs/{org}/webhooks/{id}", webhooks::get, Op::new("Get a webhook endpoint").tag("webhooks"))
-        .patch("/api/v1/orgs/{org}/webhooks/{id}", webhooks::update, Op::new("Change a webhook endpoint's given fields").tag("webhooks").body::<webhooks::WebhookRequest>())
+        .patch(
+            "/api/v1/orgs/{org}/webhooks/{id}",
+            webhooks::update,
+            Op::new("Change a webhook endpoint's given fields").tag("webhooks").body::<webhooks::WebhookRequest>(),
+        )
         .put("/api/v1/orgs/{org}/webhooks/{id}", webhooks::replace, Op::new("Replace a webhook endpoint").tag("webhooks").body::<webhooks::WebhookRequest>())
         .delete("/api/v1/orgs/{org}/webhooks/{id}", webhooks::delete, Op::new("Delete a webhook endpoint").tag("webhooks"))
         .post("/api/v1/orgs/{org}/webhooks/{id}/rotate-secret", webhooks::rotate_secret, Op::new("Rotate a webhook's signing secret").tag("webhooks"))
-        .get("/api/v1/orgs/{org}/webhooks/{id}/deliveries", webhooks::deliveries, Op::new("List a webhook's deliveries").tag("webhooks").query::<webhooks::DeliveriesQuery>())
+        .get(
+            "/api/v1/orgs/{org}/webhooks/{id}/deliveries",
+            webhooks::deliveries,
+            Op::new("List a webhook's deliveries").tag("webhooks").query::<webhooks::DeliveriesQuery>(),
+        )
         .get("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}", webhooks::delivery, Op::new("Get a delivery with its attempts").tag("webhooks"))
-        .post("/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}/redeliver", webhooks::redeliver, Op::new("Send a delivery again").tag("webhooks").status(202))
+        .post(
+            "/api/v1/orgs/{org}/webhooks/{id}/deliveries/{delivery}/redeliver",
+            webhooks::redeliver,
+            Op::new("Send a delivery again").tag("webhooks").status(202),
+        )
         .get("/api/v1/orgs/{org}/checks", health::list_checks, Op::new("List an org's checks").tag("checks"))
         .post("/api/v1/orgs/{org}/checks", health::create_check, Op::new("Create a check").tag("checks").body::<health::CheckRequest>().status(201))
         .get("/api/v1/orgs/{org}/checks/{id}", health::get_check, Op::new("Get a check").tag("checks"))
@@ -386,22 +420,50 @@ pub fn routes() -> Routes {
         .post("/api/v1/orgs/{org}/silences", health::create_silence, Op::new("Create a silence").tag("alerts").body::<health::SilenceRequest>().status(201))
         .delete("/api/v1/orgs/{org}/silences/{id}", health::delete_silence, Op::new("Delete a silence").tag("alerts").no_content())
         .get("/api/v1/orgs/{org}/alert-rules", health::get_rules, Op::new("Get an org's alert rules").tag("alerts").response::<store::AlertRules>())
-        .put("/api/v1/orgs/{org}/alert-rules", health::put_rules, Op::new("Set an org's alert rules").tag("alerts").body::<store::AlertRules>().response::<store::AlertRules>())
+        .put(
+            "/api/v1/orgs/{org}/alert-rules",
+            health::put_rules,
+            Op::new("Set an org's alert rules").tag("alerts").body::<store::AlertRules>().response::<store::AlertRules>(),
+        )
         .get("/api/v1/orgs/{org}/members", accounts::list_members, Op::new("List an org's members").tag("members"))
-        .put("/api/v1/orgs/{org}/members/{user}", accounts::put_member, Op::new("Add a member or change their role").tag("members").body::<accounts::MemberRequest>())
+        .put(
+            "/api/v1/orgs/{org}/members/{user}",
+            accounts::put_member,
+            Op::new("Add a member or change their role").tag("members").body::<accounts::MemberRequest>(),
+        )
         .delete("/api/v1/orgs/{org}/members/{user}", accounts::delete_member, Op::new("Remove a member").tag("members").no_content())
         .get("/api/v1/orgs/{org}/invitations", accounts::list_invitations, Op::new("List an org's invitations").tag("members"))
-        .post("/api/v1/orgs/{org}/invitations", accounts::create_invitation, Op::new("Invite someone by email").tag("members").body::<accounts::InvitationRequest>().status(201))
+        .post(
+            "/api/v1/orgs/{org}/invitations",
+            accounts::create_invitation,
+            Op::new("Invite someone by email").tag("members").body::<accounts::InvitationRequest>().status(201),
+        )
         .delete("/api/v1/orgs/{org}/invitations/{id}", accounts::revoke_invitation, Op::new("Revoke an invitation").tag("members"))
-        .post("/api/v1/invitations/accept", accounts::accept_invitation, Op::new("Accept an invitation; logs in").tag("members").public().body::<accounts::AcceptRequest>().error(401))
+        .post(
+            "/api/v1/invitations/accept",
+            accounts::accept_invitation,
+            Op::new("Accept an invitation; logs in").tag("members").public().body::<accounts::AcceptRequest>().error(401),
+        )
         .get("/api/v1/orgs/{org}/api-keys", accounts::list_org_keys, Op::new("List an org's API keys").tag("api-keys"))
-        .post("/api/v1/orgs/{org}/api-keys", accounts::create_org_key, Op::new("Create an org API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201))
+        .post(
+            "/api/v1/orgs/{org}/api-keys",
+            accounts::create_org_key,
+            Op::new("Create an org API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201),
+        )
         .delete("/api/v1/orgs/{org}/api-keys/{id}", accounts::revoke_org_key, Op::new("Revoke an org API key").tag("api-keys"))
         .get("/api/v1/api-keys", accounts::list_operator_keys, Op::new("List operator API keys").tag("api-keys"))
-        .post("/api/v1/api-keys", accounts::create_operator_key, Op::new("Create an operator API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201))
+        .post(
+            "/api/v1/api-keys",
+            accounts::create_operator_key,
+            Op::new("Create an operator API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201),
+        )
         .delete("/api/v1/api-keys/{id}", accounts::revoke_operator_key, Op::new("Revoke an operator API key").tag("api-keys"))
         .get("/api/v1/users", accounts::list_users, Op::new("List accounts (operators)").tag("users"))
-        .post("/api/v1/users", accounts::create_user, Op::new("Create an account (operators)").tag("users").body::<accounts::UserRequest>().status(201).error(409))
+        .post(
+            "/api/v1/users",
+            accounts::create_user,
+            Op::new("Create an account (operators)").tag("users").body::<accounts::UserRequest>().status(201).error(409),
+        )
         .post("/api/v1/users/{id}/disable", accounts::disable_user, Op::new("Disable an account").tag("users"))
         .post("/api/v1/users/{id}/enable", accounts::enable_user, Op::new("Enable an account").tag("users"))
         .get("/api/v1/orgs/{org}/logs", org_logs, Op::new("Query the logs of an org's agents").tag("telemetry").query::<RecordQuery>())
@@ -417,7 +479,8 @@ pub fn routes() -> Routes {
         .page(MethodFilter::POST, "/logout", logout_form)
 }
 
-const AUDIT_FORMATS: &str = "JSON `{entries, next_cursor}`; with `?format=jsonl`, one entry per line as `application/x-ndjson` and the next cursor in `x-next-cursor`.";
+const AUDIT_FORMATS: &str =
+    "JSON `{entries, next_cursor}`; with `?format=jsonl`, one entry per line as `application/x-ndjson` and the next cursor in `x-next-cursor`.";
 
 async fn count_requests(State(hub): State<Arc<Hub>>, request: Request, next: axum::middleware::Next) -> Response {
     Metrics::inc(&hub.metrics.http_requests);

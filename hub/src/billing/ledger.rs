@@ -1,0 +1,1 @@
+//! See `billing/mod.rs`.
