@@ -74,6 +74,9 @@ pub struct Config {
     /// Milliseconds between evaluations of the alert rules (50 to 3600000); check reports
     /// also trigger one at once.
     pub alert_interval_ms: u64,
+    /// Milliseconds between runs of the billing clock, which ends trials that are over and
+    /// closes billing periods whose usage has settled (50 to 3600000; default 60000).
+    pub billing_interval_ms: u64,
     /// Memory the store may use to cache pages, in MiB (at least 8). More keeps more of a
     /// large store's recent telemetry in memory for queries; the hub's resident memory
     /// grows with it.
@@ -393,6 +396,7 @@ impl Default for Config {
             default_retention_days: 7,
             prune_interval_secs: 300,
             alert_interval_ms: 5_000,
+            billing_interval_ms: 60_000,
             store_cache_mib: 128,
             secrets_key_file: None,
             webhook_retry_base_ms: DEFAULT_WEBHOOK_RETRY_BASE_MS,
@@ -522,6 +526,9 @@ impl Config {
         }
         if self.store_cache_mib < 8 {
             errors.push("store_cache_mib must be at least 8".to_string());
+        }
+        if !(50..=3_600_000).contains(&self.billing_interval_ms) {
+            errors.push("billing_interval_ms must be 50-3600000".to_string());
         }
         if !(50..=3_600_000).contains(&self.alert_interval_ms) {
             errors.push("alert_interval_ms must be 50-3600000".to_string());

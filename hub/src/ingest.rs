@@ -59,6 +59,7 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
         return;
     }
     let mut finishing = false;
+    let mut billing = Entitlement::default();
     loop {
         let batch = match recv.next::<StreamUp>().await {
             Ok(Some(StreamUp::Batch(batch))) => batch,
@@ -93,6 +94,14 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
         let latest = crate::wall_ms().saturating_add(MAX_FUTURE_SKEW_MS);
         for record in &mut batch.records {
             record.ts_unix_ms = record.ts_unix_ms.min(latest);
+        }
+        // A suspended or canceled org's agents keep their records: refused, not dropped.
+        if let Some(reason) = billing.refusal(&hub, &agent_id) {
+            let _ = send.send(&StreamDown::Refused { reason, retry_after_ms: ENTITLEMENT_RECHECK.as_millis() as u64 }).await;
+            if finishing {
+                return;
+            }
+            continue;
         }
         let outcome = match hub.store.ingest(&agent_id, class, &batch.records).await {
             Ok(outcome) => outcome,
@@ -139,4 +148,29 @@ fn violation(hub: &Hub, connection: &quinn::Connection, reason: &str) {
     Metrics::inc(&hub.metrics.protocol_errors);
     warn!(reason, "closing connection for a telemetry protocol error");
     connection.close(ErrorCode::Protocol.as_u32().into(), reason.as_bytes());
+}
+
+/// How long an answer about the org's entitlement to ingest holds before it is asked again.
+const ENTITLEMENT_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether the agent's org may ingest, asked at most every [`ENTITLEMENT_RECHECK`].
+#[derive(Default)]
+struct Entitlement {
+    checked: Option<(std::time::Instant, Option<String>)>,
+}
+
+impl Entitlement {
+    fn refusal(&mut self, hub: &Hub, agent_id: &str) -> Option<String> {
+        if let Some((at, answer)) = &self.checked {
+            if at.elapsed() < ENTITLEMENT_RECHECK {
+                return answer.clone();
+            }
+        }
+        let answer = match hub.store.agent(agent_id) {
+            Ok(Some(agent)) => crate::billing::plans::require(hub, &agent.org, "sending telemetry", |e| e.ingest).err(),
+            _ => None,
+        };
+        self.checked = Some((std::time::Instant::now(), answer.clone()));
+        answer
+    }
 }

@@ -172,6 +172,7 @@ pub async fn create(
     ApiJson(body): ApiJson<DeploymentRequest>,
 ) -> ApiResult<Response> {
     authorize(&principal, &org, Perm::Deploy, &format!("org {org}"))?;
+    super::billing::require_entitlement(&hub, &org, "deploying", |e| e.deploy)?;
     if hub.store.org(&org)?.is_none() {
         return Err(ApiError::not_found(&format!("org {org}")));
     }
@@ -240,6 +241,7 @@ pub async fn update(
     ApiJson(body): ApiJson<DeploymentRequest>,
 ) -> ApiResult<Json<Value>> {
     let deployment = find(&hub, &principal, &id, Perm::Deploy)?;
+    super::billing::require_entitlement(&hub, &deployment.org, "deploying", |e| e.deploy)?;
     if deployment.deleted_at_ms.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} was deleted")));
     }
@@ -271,6 +273,7 @@ pub async fn rollback(
     ApiJson(body): ApiJson<RollbackRequest>,
 ) -> ApiResult<Json<Value>> {
     let deployment = find(&hub, &principal, &id, Perm::Deploy)?;
+    super::billing::require_entitlement(&hub, &deployment.org, "deploying", |e| e.deploy)?;
     if deployment.deleted_at_ms.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} was deleted")));
     }

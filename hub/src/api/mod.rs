@@ -8,6 +8,7 @@
 
 mod accounts;
 mod audit;
+pub mod billing;
 mod deployments;
 mod forwarded;
 mod headers;
@@ -458,6 +459,16 @@ pub fn routes() -> Routes {
             Op::new("Create an operator API key, shown once").tag("api-keys").body::<accounts::KeyRequest>().status(201),
         )
         .delete("/api/v1/api-keys/{id}", accounts::revoke_operator_key, Op::new("Revoke an operator API key").tag("api-keys"))
+        .get("/api/v1/plans", billing::list_plans, Op::new("List plans (newest versions)").tag("billing"))
+        .post("/api/v1/plans", billing::create_plan, Op::new("Create a plan (operators)").tag("billing").body::<billing::NewPlan>().status(201).error(409))
+        .get("/api/v1/plans/{id}", billing::get_plan, Op::new("A plan: newest version and every version").tag("billing"))
+        .put("/api/v1/plans/{id}", billing::change_plan, Op::new("Change a plan: writes its next version (operators)").tag("billing").body::<crate::billing::plans::PlanRequest>())
+        .get("/api/v1/orgs/{org}/subscription", billing::get_subscription, Op::new("An org's subscription, period and entitlements").tag("billing"))
+        .put("/api/v1/orgs/{org}/subscription", billing::put_subscription, Op::new("Subscribe an org or change its plan from now (operators)").tag("billing").body::<billing::SubscribeRequest>())
+        .post("/api/v1/orgs/{org}/subscription/status", billing::set_status, Op::new("Suspend, restore or cancel a subscription (operators)").tag("billing").body::<billing::StatusRequest>())
+        .get("/api/v1/orgs/{org}/invoices/preview", billing::preview, Op::new("The current period's invoice so far").tag("billing"))
+        .get("/api/v1/orgs/{org}/invoices", billing::list_invoices, Op::new("Closed invoices, newest first").tag("billing"))
+        .post("/api/v1/billing/close", billing::close_now, Op::new("Close every ended billing period now (operators)").tag("billing"))
         .get("/api/v1/users", accounts::list_users, Op::new("List accounts (operators)").tag("users"))
         .post(
             "/api/v1/users",

@@ -9,9 +9,11 @@
 //! - `ledger.rs`: meters fed from the hub's own records into the append-only ledger.
 //! - `stripe.rs`: customer and subscription sync, the meter-event outbox, Stripe webhooks.
 
+pub mod invoices;
 pub mod ledger;
 pub mod plans;
 pub mod pricing;
+pub mod shim;
 pub mod stripe;
 
 use serde::{Deserialize, Serialize};

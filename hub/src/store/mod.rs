@@ -17,6 +17,7 @@ use std::path::Path;
 mod accounts;
 mod alerts;
 mod audit;
+mod plans;
 mod checks;
 mod deployments;
 mod secrets;
@@ -26,6 +27,7 @@ mod webhooks;
 pub use accounts::{Invitation, Membership, Spend};
 pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
 pub use audit::{entry_hash, verify_chain, AuditEntry, AuditFilter, AuditPage, AuditVerdict, Head as AuditHead, NewAuditEntry, AUDIT_SCAN_LIMIT, GENESIS_HASH};
+pub use plans::ClosedInvoice;
 pub use checks::{CheckConfig, CheckScope, CheckStatus};
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
 pub use secrets::{StoredRegistry, StoredSecret};
@@ -261,6 +263,8 @@ pub struct Store {
     audit: audit::Trees,
     /// Memberships and invitations: see `accounts.rs`.
     accounts: accounts::Trees,
+    /// Plans, subscriptions and closed invoices: see `plans.rs`.
+    plans: plans::Trees,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -348,6 +352,7 @@ impl Store {
             alerts: alerts::Trees::open(&db)?,
             audit: audit::Trees::open(&db)?,
             accounts: accounts::Trees::open(&db)?,
+            plans: plans::Trees::open(&db)?,
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
             users: db.open_tree("users")?,
