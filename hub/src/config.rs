@@ -74,6 +74,14 @@ pub struct Config {
     /// Milliseconds between evaluations of the alert rules (50 to 3600000); check reports
     /// also trigger one at once.
     pub alert_interval_ms: u64,
+    /// Milliseconds between runs of the usage metering, which samples connected agents
+    /// (agent hours, peak agents), meters new deployment revisions and closes hours into the
+    /// usage ledger (50 to 3600000; default 60000).
+    pub usage_close_interval_ms: u64,
+    /// How long after an hour ends its telemetry usage (log bytes, metric samples, events,
+    /// check runs) and peak agents are written to the ledger, in milliseconds (0 to 86400000;
+    /// default 300000). Usage stored for that hour later becomes a `late usage` correction.
+    pub usage_close_grace_ms: u64,
     /// Milliseconds between runs of the billing clock, which ends trials that are over and
     /// closes billing periods whose usage has settled (50 to 3600000; default 60000).
     pub billing_interval_ms: u64,
@@ -99,6 +107,60 @@ pub struct Config {
     /// HTTPS on the HTTP port (`http_addr`). Off by default: plain HTTP, for local use or
     /// behind a TLS-terminating reverse proxy.
     pub tls: TlsConfig,
+    /// Stripe: customer and subscription sync, usage as meter events, payment webhooks.
+    /// Off unless a secret key is given (README, "Stripe").
+    pub stripe: StripeConfig,
+}
+
+/// Default Stripe API base URL.
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+/// Default pause between two passes of the Stripe exporter, in milliseconds.
+pub const DEFAULT_STRIPE_EXPORT_INTERVAL_MS: u64 = 10_000;
+
+/// Where the hub reaches Stripe and with which secrets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StripeConfig {
+    /// Base URL of Stripe's API (default `https://api.stripe.com`); tests point it at a
+    /// local server speaking Stripe's HTTP API.
+    pub api_base: String,
+    /// File holding the Stripe secret key (`sk_...`, mode 0600). Env
+    /// `GANTRY_STRIPE_SECRET_KEY` holds the key itself and wins over the file. Without a
+    /// key nothing is sent to Stripe.
+    pub secret_key_file: Option<PathBuf>,
+    /// File holding the webhook endpoint's signing secret (`whsec_...`), read on every
+    /// webhook request so a rotation needs no restart. Without it
+    /// `POST /api/v1/webhooks/stripe` answers 503.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Pause between two passes of the exporter (sync, then meter events), in
+    /// milliseconds (default 10 s).
+    pub export_interval_ms: u64,
+    /// The secret key from `GANTRY_STRIPE_SECRET_KEY` (never read from or written to the
+    /// file; redacted in debug output).
+    #[serde(skip)]
+    pub secret_key: Option<RedactedSecret>,
+}
+
+impl Default for StripeConfig {
+    fn default() -> Self {
+        StripeConfig {
+            api_base: DEFAULT_STRIPE_API_BASE.to_string(),
+            secret_key_file: None,
+            webhook_secret_file: None,
+            export_interval_ms: DEFAULT_STRIPE_EXPORT_INTERVAL_MS,
+            secret_key: None,
+        }
+    }
+}
+
+/// A secret held in memory; its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedactedSecret(pub String);
+
+impl std::fmt::Debug for RedactedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Whether and how the hub serves HTTPS itself on `http_addr` (one port: with TLS on it
@@ -396,6 +458,8 @@ impl Default for Config {
             default_retention_days: 7,
             prune_interval_secs: 300,
             alert_interval_ms: 5_000,
+            usage_close_interval_ms: 60_000,
+            usage_close_grace_ms: 300_000,
             billing_interval_ms: 60_000,
             store_cache_mib: 128,
             secrets_key_file: None,
@@ -403,6 +467,7 @@ impl Default for Config {
             quic: QuicLimits::default(),
             rate_limit: RateLimitConfig::default(),
             tls: TlsConfig::default(),
+            stripe: StripeConfig::default(),
         }
     }
 }
@@ -450,6 +515,9 @@ impl Config {
         }
         if let Some(v) = env("GANTRY_PUBLIC_URL") {
             config.public_url = Some(v);
+        }
+        if let Some(v) = env("GANTRY_STRIPE_SECRET_KEY").filter(|v| !v.trim().is_empty()) {
+            config.stripe.secret_key = Some(RedactedSecret(v.trim().to_string()));
         }
         if let Some(v) = env("GANTRY_SECRETS_KEY_FILE") {
             config.secrets_key_file = Some(PathBuf::from(v));
@@ -529,6 +597,12 @@ impl Config {
         }
         if !(50..=3_600_000).contains(&self.billing_interval_ms) {
             errors.push("billing_interval_ms must be 50-3600000".to_string());
+        }
+        if !(50..=3_600_000).contains(&self.usage_close_interval_ms) {
+            errors.push("usage_close_interval_ms must be 50-3600000".to_string());
+        }
+        if self.usage_close_grace_ms > 86_400_000 {
+            errors.push("usage_close_grace_ms must be 0-86400000".to_string());
         }
         if !(50..=3_600_000).contains(&self.alert_interval_ms) {
             errors.push("alert_interval_ms must be 50-3600000".to_string());

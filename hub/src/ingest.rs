@@ -97,7 +97,7 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
         }
         // A suspended or canceled org's agents keep their records: refused, not dropped.
         if let Some(reason) = billing.refusal(&hub, &agent_id) {
-            let _ = send.send(&StreamDown::Refused { reason, retry_after_ms: ENTITLEMENT_RECHECK.as_millis() as u64 }).await;
+            let _ = send.send(&StreamDown::Refused { reason, retry_after_ms: REFUSED_RETRY_MS }).await;
             if finishing {
                 return;
             }
@@ -150,19 +150,24 @@ fn violation(hub: &Hub, connection: &quinn::Connection, reason: &str) {
     connection.close(ErrorCode::Protocol.as_u32().into(), reason.as_bytes());
 }
 
-/// How long an answer about the org's entitlement to ingest holds before it is asked again.
+/// How long an answer about the org's entitlement to ingest holds before it is asked again
+/// (sooner when any subscription's status changes).
 const ENTITLEMENT_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+/// When the agent of a refused org tries again.
+const REFUSED_RETRY_MS: u64 = 5_000;
 
-/// Whether the agent's org may ingest, asked at most every [`ENTITLEMENT_RECHECK`].
+/// Whether the agent's org may ingest, asked at most every [`ENTITLEMENT_RECHECK`] unless
+/// a status changed meanwhile.
 #[derive(Default)]
 struct Entitlement {
-    checked: Option<(std::time::Instant, Option<String>)>,
+    checked: Option<(std::time::Instant, u64, Option<String>)>,
 }
 
 impl Entitlement {
     fn refusal(&mut self, hub: &Hub, agent_id: &str) -> Option<String> {
-        if let Some((at, answer)) = &self.checked {
-            if at.elapsed() < ENTITLEMENT_RECHECK {
+        let epoch = crate::billing::plans::entitlement_epoch();
+        if let Some((at, seen, answer)) = &self.checked {
+            if at.elapsed() < ENTITLEMENT_RECHECK && *seen == epoch {
                 return answer.clone();
             }
         }
@@ -170,7 +175,7 @@ impl Entitlement {
             Ok(Some(agent)) => crate::billing::plans::require(hub, &agent.org, "sending telemetry", |e| e.ingest).err(),
             _ => None,
         };
-        self.checked = Some((std::time::Instant::now(), answer.clone()));
+        self.checked = Some((std::time::Instant::now(), epoch, answer.clone()));
         answer
     }
 }

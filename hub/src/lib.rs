@@ -277,6 +277,9 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
     hub.health.set_started(wall_ms());
     let alerting = tokio::spawn(alerts::run(hub.clone(), stop_rx.clone()));
     let billing_clock = tokio::spawn(billing::plans::run(hub.clone(), stop_rx.clone()));
+    let metering = tokio::spawn(billing::ledger::run(hub.clone(), stop_rx.clone()));
+    // Returns at once when no Stripe secret key is configured.
+    let stripe_exporter = tokio::spawn(billing::stripe::run(hub.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
     let http_task = match https {
         Some(tls_config) => tokio::spawn(tls::serve(http, tls_config, api::router(hub.clone()), stop_rx.clone())),
@@ -315,6 +318,8 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
     let _ = webhook_worker.await;
     let _ = alerting.await;
     let _ = billing_clock.await;
+    let _ = metering.await;
+    let _ = stripe_exporter.await;
     match tokio::time::timeout(Duration::from_secs(5), http_task).await {
         Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server ended with an error"),
         Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),

@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod chaos;
+/// A local server speaking Stripe's HTTP API (see `stripe_stub.rs`).
+pub mod stripe_stub;
 
 pub mod bench;
 

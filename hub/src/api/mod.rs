@@ -9,6 +9,7 @@
 mod accounts;
 mod audit;
 pub mod billing;
+pub mod billing_usage;
 mod deployments;
 mod forwarded;
 mod headers;
@@ -17,6 +18,7 @@ mod limits;
 mod mfa;
 pub mod openapi;
 mod secrets;
+mod stripe_webhook;
 mod webhooks;
 
 pub(crate) use forwarded::client_ip;
@@ -469,6 +471,17 @@ pub fn routes() -> Routes {
         .get("/api/v1/orgs/{org}/invoices/preview", billing::preview, Op::new("The current period's invoice so far").tag("billing"))
         .get("/api/v1/orgs/{org}/invoices", billing::list_invoices, Op::new("Closed invoices, newest first").tag("billing"))
         .post("/api/v1/billing/close", billing::close_now, Op::new("Close every ended billing period now (operators)").tag("billing"))
+        .get(
+            "/api/v1/billing/usage",
+            billing_usage::export,
+            Op::new("Export usage ledger entries as JSON, CSV or CloudEvents").tag("billing").query::<billing_usage::UsageQuery>().response::<billing_usage::UsageExport>(),
+        )
+        .post(
+            "/api/v1/billing/corrections",
+            billing_usage::correct,
+            Op::new("Add a usage correction (operators)").tag("billing").body::<billing_usage::CorrectionRequest>().response::<billing_usage::CorrectionResponse>().status(201),
+        )
+        .post("/api/v1/webhooks/stripe", stripe_webhook::receive, Op::new("Stripe event deliveries (signed with Stripe-Signature)").tag("billing").public().error(503))
         .get("/api/v1/users", accounts::list_users, Op::new("List accounts (operators)").tag("users"))
         .post(
             "/api/v1/users",

@@ -3,7 +3,7 @@
 //! periods, after which an invoice never changes.
 
 use super::plans::{period_containing, Subscription};
-use super::shim::{compute_invoice, Invoice, LedgerUsage, Segment};
+use super::shim::{compute_invoice, Invoice, Segment};
 use super::Meter;
 use crate::store::{ClosedInvoice, Error};
 use crate::Hub;

@@ -316,9 +316,18 @@ pub fn subscribe(hub: &Hub, org: &str, plan_id: &str) -> Result<Subscription, Pl
     Ok(subscription)
 }
 
+static ENTITLEMENT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bumped whenever any subscription's entitlements may have changed, so places that cache
+/// an answer (the ingest streams) ask again at once.
+pub fn entitlement_epoch() -> u64 {
+    ENTITLEMENT_EPOCH.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// Carry the plan's limits and the status's suspension onto the org record, where
 /// enrollment and retention enforce them.
 fn sync_org(hub: &Hub, subscription: &Subscription) -> Result<(), Error> {
+    ENTITLEMENT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let plan = hub.store.plan_version(&subscription.plan_id, subscription.plan_version)?;
     let limits = plan.map(|p| p.limits).unwrap_or_default();
     let suspended = !entitlements(subscription.status).enroll;

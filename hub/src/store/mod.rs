@@ -20,18 +20,22 @@ mod audit;
 mod plans;
 mod checks;
 mod deployments;
+mod ledger;
 mod secrets;
 mod segments;
+mod stripe;
 mod telemetry;
 mod webhooks;
 pub use accounts::{Invitation, Membership, Spend};
 pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
 pub use audit::{entry_hash, verify_chain, AuditEntry, AuditFilter, AuditPage, AuditVerdict, Head as AuditHead, NewAuditEntry, AUDIT_SCAN_LIMIT, GENESIS_HASH};
 pub use plans::ClosedInvoice;
+pub use stripe::{OrderMarks, OutboxRow, OutboxState, Recorded, StripeEvent};
 pub use checks::{CheckConfig, CheckScope, CheckStatus};
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
+pub use ledger::{EntryKind, LedgerEntry, Recorded as LedgerRecorded};
 pub use secrets::{StoredRegistry, StoredSecret};
-pub use telemetry::{IngestOutcome, MetricSeries, RecordCursor, RecordFilter};
+pub use telemetry::{IngestOutcome, MetricSeries, RecordCursor, RecordFilter, StoredUsage};
 pub use webhooks::{DeliveryAttempt, DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent};
 
 /// Store format version written at creation; a newer one is refused.
@@ -265,6 +269,10 @@ pub struct Store {
     accounts: accounts::Trees,
     /// Plans, subscriptions and closed invoices: see `plans.rs`.
     plans: plans::Trees,
+    /// The usage ledger: see `ledger.rs`.
+    ledger: ledger::Trees,
+    /// The Stripe meter-event outbox and processed webhook events: see `stripe.rs`.
+    stripe: stripe::Trees,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -353,6 +361,8 @@ impl Store {
             audit: audit::Trees::open(&db)?,
             accounts: accounts::Trees::open(&db)?,
             plans: plans::Trees::open(&db)?,
+            ledger: ledger::Trees::open(&db)?,
+            stripe: stripe::Trees::open(&db)?,
             meta: db.open_tree("meta")?,
             orgs: db.open_tree("orgs")?,
             users: db.open_tree("users")?,

@@ -27,6 +27,11 @@ use std::collections::{BTreeMap, HashMap};
 
 const HWM_PREFIX: &[u8] = b"\0hwm\0";
 const NAME_PREFIX: &[u8] = b"\0name\0";
+/// Usage per agent and hour (`\0use\0 hour agent` → `[records u64][bytes u64]`), added to
+/// in the same atomic batch as the chunks it counts, and the hours whose usage changed since
+/// the ledger last took it (`\0dirty\0 hour agent` → the usage as it was then).
+const USE_PREFIX: &[u8] = b"\0use\0";
+const DIRTY_PREFIX: &[u8] = b"\0dirty\0";
 
 /// Longest stretch of time one chunk covers (newest minus oldest timestamp).
 pub const CHUNK_SPAN_MS: i64 = 60_000;
@@ -99,6 +104,50 @@ type Point = (i64, Vec<(String, String)>, f64);
 
 /// Name under which a gap in the metrics stream is stored, so metric queries can show it.
 pub const METRICS_GAP_NAME: &str = "gantry.spool.gap";
+
+fn usage_key(prefix: &[u8], hour_ms: i64, agent: &str) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&ts_key(hour_ms));
+    key.extend_from_slice(agent.as_bytes());
+    key
+}
+
+fn usage_value(records: u64, bytes: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&records.to_be_bytes());
+    out[8..].copy_from_slice(&bytes.to_be_bytes());
+    out
+}
+
+fn parse_usage_value(value: &[u8]) -> Option<(u64, u64)> {
+    let bytes: &[u8; 16] = value.try_into().ok()?;
+    Some((u64::from_be_bytes(bytes[..8].try_into().ok()?), u64::from_be_bytes(bytes[8..].try_into().ok()?)))
+}
+
+/// What a record counts for in the stored usage: `(records, bytes)`. Log lines count their
+/// text's bytes, metric records their samples, events and check reports one each; gap
+/// markers nothing.
+fn usage_of(record: &Record) -> (u64, u64) {
+    match &record.body {
+        RecordBody::Log(line) => (1, line.line.len() as u64),
+        RecordBody::Metrics(samples) => (samples.len() as u64, 0),
+        RecordBody::Event(_) | RecordBody::Check(_) => (1, 0),
+        RecordBody::Gap { .. } => (0, 0),
+    }
+}
+
+/// Telemetry stored for one agent stream in one UTC hour (by record timestamp), as the
+/// ledger's metering reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StoredUsage {
+    pub agent: String,
+    pub class: StreamClass,
+    pub hour_ms: i64,
+    /// Log lines, metric samples, events or check reports, by class.
+    pub records: u64,
+    /// Bytes of log line text (logs only).
+    pub bytes: u64,
+}
 
 /// What one ingest did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -390,6 +439,18 @@ impl Store {
             return Ok((outcome, None));
         }
         fresh.sort_by_key(|r| (r.ts_unix_ms, r.seq));
+        let mut usage: Vec<(i64, u64, u64)> = Vec::new();
+        for record in &fresh {
+            let (records, bytes) = usage_of(record);
+            if records == 0 {
+                continue;
+            }
+            let hour = crate::billing::hour_of(record.ts_unix_ms);
+            match usage.last_mut() {
+                Some(last) if last.0 == hour => (last.1, last.2) = (last.1 + records, last.2 + bytes),
+                _ => usage.push((hour, records, bytes)),
+            }
+        }
         let mut chunks = Vec::new();
         let mut new_names = Vec::new();
         for group in chunk_groups(&fresh) {
@@ -413,7 +474,7 @@ impl Store {
             chunks.push(NewChunk { key, payload, count, newest });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = WriteJob { tree: class.index(), hwm_key: hwm_key(agent), expected_mark: mark, new_mark: outcome.high_water, chunks, new_names, reply };
+        let job = WriteJob { tree: class.index(), hwm_key: hwm_key(agent), expected_mark: mark, new_mark: outcome.high_water, chunks, new_names, agent: agent.to_string(), usage, reply };
         Ok((outcome, Some((job, answer))))
     }
 
@@ -560,6 +621,34 @@ impl Store {
         Ok(removed)
     }
 
+    /// Stored usage of hours before `before_ms` that changed since it was last settled
+    /// ([`Store::settle_telemetry_usage`]), oldest hours first, at most `limit` per class.
+    /// The totals are everything ever stored for that agent, class and hour.
+    pub fn unsettled_telemetry_usage(&self, before_ms: i64, limit: usize) -> Result<Vec<StoredUsage>, Error> {
+        let mut out = Vec::new();
+        for class in [StreamClass::Metrics, StreamClass::Logs, StreamClass::Events, StreamClass::Health] {
+            let upper = usage_key(DIRTY_PREFIX, before_ms, "");
+            for item in self.class_tree(class).range(DIRTY_PREFIX.to_vec()..upper).take(limit) {
+                let (key, value) = item?;
+                let rest = &key[DIRTY_PREFIX.len()..];
+                if rest.len() < 8 {
+                    return Err(Error::Corrupt("telemetry usage key".into()));
+                }
+                let (records, bytes) = parse_usage_value(&value).ok_or_else(|| Error::Corrupt("telemetry usage value".into()))?;
+                out.push(StoredUsage { agent: String::from_utf8_lossy(&rest[8..]).into_owned(), class, hour_ms: ts_from_key(rest), records, bytes });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mark `usage` as taken into the ledger, unless more was stored for its hour since it
+    /// was read (then it stays unsettled, with the new total). Returns whether it settled.
+    pub fn settle_telemetry_usage(&self, usage: &StoredUsage) -> Result<bool, Error> {
+        let key = usage_key(DIRTY_PREFIX, usage.hour_ms, &usage.agent);
+        let expected = usage_value(usage.records, usage.bytes);
+        Ok(self.class_tree(usage.class).compare_and_swap(key, Some(&expected[..]), None as Option<&[u8]>)?.is_ok())
+    }
+
     /// Telemetry segment files and their total size in bytes.
     pub fn telemetry_disk_usage(&self) -> (u64, u64) {
         self.segments.usage()
@@ -597,6 +686,9 @@ pub(super) struct WriteJob {
     new_mark: u64,
     chunks: Vec<NewChunk>,
     new_names: Vec<Vec<u8>>,
+    agent: String,
+    /// `(hour, records, bytes)` of the batch's new records, hours ascending.
+    usage: Vec<(i64, u64, u64)>,
     reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
 
@@ -743,6 +835,15 @@ impl Writer {
                 batch.insert(name.as_slice(), Vec::<u8>::new());
             }
             batch.insert(job.hwm_key.as_slice(), &job.new_mark.to_be_bytes());
+            // This thread is the only writer of usage keys, and earlier jobs of the group
+            // are already applied, so reading the current total here is exact.
+            for &(hour, records, bytes) in &job.usage {
+                let key = usage_key(USE_PREFIX, hour, &job.agent);
+                let current = self.trees[job.tree].get(&key).map_err(|e| e.to_string())?.and_then(|v| parse_usage_value(&v)).unwrap_or_default();
+                let total = usage_value(current.0 + records, current.1 + bytes);
+                batch.insert(key, &total[..]);
+                batch.insert(usage_key(DIRTY_PREFIX, hour, &job.agent), &total[..]);
+            }
             self.trees[job.tree].apply_batch(batch).map_err(|e| e.to_string())?;
         }
         self.appender.referenced(&locations);

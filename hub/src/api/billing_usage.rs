@@ -1,0 +1,358 @@
+//! Usage ledger over HTTP: exports and corrections.
+//!
+//! - `GET /api/v1/billing/usage?from=&to=&org=&format=csv|json|cloudevents`: the ledger
+//!   entries whose hour starts in `[from, to)`. Operators (billing permission) may export
+//!   every org or one; an org's owners and billing members only their own org, with `org=`.
+//!   CSV has a header row and RFC 4180 quoting; `cloudevents` is one CloudEvents 1.0 JSON
+//!   object per line, whose `id` is derived from the entry's deterministic ledger key (so a
+//!   consumer can deduplicate across exports).
+//! - `POST /api/v1/billing/corrections` (operators): a compensating entry with the caller
+//!   as actor.
+//!
+//! Read and append only: nothing here changes or deletes a ledger entry.
+
+use super::{authorize, parse_time, require_operator, rfc3339, ApiError, ApiJson, ApiQuery, ApiResult};
+use crate::access::Perm;
+use crate::auth::Principal;
+use crate::billing::{hour_of, Meter};
+use crate::store::{EntryKind, LedgerEntry, LedgerRecorded};
+use crate::Hub;
+use axum::extract::State;
+use axum::http::header::{self, HeaderValue};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Most entries one export returns; a larger range is refused (ask for shorter ranges).
+pub const MAX_EXPORT_ENTRIES: usize = 500_000;
+/// Entries read from the store per page while exporting.
+const EXPORT_PAGE: usize = 10_000;
+
+/// Query string of the usage export.
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// RFC 3339 or Unix ms, inclusive: entries whose hour starts at or after it.
+    pub from: String,
+    /// RFC 3339 or Unix ms, exclusive.
+    pub to: String,
+    /// One org; required unless the caller is a platform operator.
+    pub org: Option<String>,
+    /// `json` (default), `csv` or `cloudevents` (JSON lines).
+    pub format: Option<String>,
+}
+
+/// One exported ledger entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct UsageRow {
+    /// Deterministic id from the ledger key (the CloudEvents `id`).
+    pub id: String,
+    pub seq: u64,
+    pub org: String,
+    pub meter: Meter,
+    /// Start of the UTC hour, RFC 3339.
+    pub hour_start: String,
+    pub hour_ms: i64,
+    pub source: String,
+    pub quantity: i64,
+    /// `usage` or `correction`.
+    pub kind: String,
+    pub reason: Option<String>,
+    pub actor: Option<String>,
+    pub corrects_period_start_ms: Option<i64>,
+    pub recorded_at: String,
+}
+
+/// The JSON export.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct UsageExport {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub org: Option<String>,
+    pub entries: Vec<UsageRow>,
+    /// Per org, per meter: counters summed, gauges the largest hour (as `ledger_usage`).
+    pub totals: BTreeMap<String, BTreeMap<Meter, i64>>,
+}
+
+/// A correction to add.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CorrectionRequest {
+    pub org: String,
+    /// A meter name, e.g. `log_bytes`.
+    pub meter: String,
+    /// The hour the correction belongs to (RFC 3339 or Unix ms; rounded down to the hour).
+    /// Without it, the current hour.
+    pub hour: Option<String>,
+    /// Start of the (closed) billing period the correction is about (RFC 3339 or Unix
+    /// ms); it is then billed in the current period.
+    pub period_start: Option<String>,
+    /// Units to add; negative to take away. Not zero.
+    pub quantity: i64,
+    pub reason: String,
+    /// Idempotency key: the same id again with the same quantity adds nothing. Letters,
+    /// digits, `-`, `_`, `.`, at most 64. Random when absent.
+    pub id: Option<String>,
+}
+
+/// The answer to a correction.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct CorrectionResponse {
+    pub entry: UsageRow,
+    /// The same correction was already recorded; nothing was added.
+    pub duplicate: bool,
+}
+
+/// The CloudEvents / export id of an entry: from its ledger key, never from its position.
+pub fn entry_id(entry: &LedgerEntry) -> String {
+    let digest = Sha256::digest(entry.key_text().as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// An entry as exported.
+pub fn row(entry: &LedgerEntry) -> UsageRow {
+    let (kind, reason, actor, corrects) = match &entry.kind {
+        EntryKind::Usage => ("usage", None, None, None),
+        EntryKind::Correction { reason, actor, corrects_period_start_ms } => ("correction", Some(reason.clone()), Some(actor.clone()), *corrects_period_start_ms),
+    };
+    UsageRow {
+        id: entry_id(entry),
+        seq: entry.seq,
+        org: entry.org.clone(),
+        meter: entry.meter,
+        hour_start: rfc3339(entry.hour_ms),
+        hour_ms: entry.hour_ms,
+        source: entry.source.clone(),
+        quantity: entry.quantity,
+        kind: kind.to_string(),
+        reason,
+        actor,
+        corrects_period_start_ms: corrects,
+        recorded_at: rfc3339(entry.recorded_at_ms),
+    }
+}
+
+/// The CSV header row.
+pub const CSV_HEADER: &str = "id,seq,org,meter,hour_start,hour_ms,source,quantity,kind,reason,actor,corrects_period_start_ms,recorded_at";
+
+/// One CSV field, quoted per RFC 4180 when it holds a comma, quote, CR or LF.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// Rows as CSV, header first, CRLF line ends (RFC 4180).
+pub fn to_csv(rows: &[UsageRow]) -> String {
+    let mut out = String::with_capacity(64 + rows.len() * 128);
+    out.push_str(CSV_HEADER);
+    out.push_str("\r\n");
+    for r in rows {
+        let fields = [
+            r.id.clone(),
+            r.seq.to_string(),
+            r.org.clone(),
+            r.meter.name().to_string(),
+            r.hour_start.clone(),
+            r.hour_ms.to_string(),
+            r.source.clone(),
+            r.quantity.to_string(),
+            r.kind.clone(),
+            r.reason.clone().unwrap_or_default(),
+            r.actor.clone().unwrap_or_default(),
+            r.corrects_period_start_ms.map(|v| v.to_string()).unwrap_or_default(),
+            r.recorded_at.clone(),
+        ];
+        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        out.push_str(&line.join(","));
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// One CloudEvents 1.0 JSON object per row, newline-terminated.
+pub fn to_cloudevents(rows: &[UsageRow], hub_source: &str) -> String {
+    let mut out = String::with_capacity(rows.len() * 400);
+    for r in rows {
+        let event = json!({
+            "specversion": "1.0",
+            "id": r.id,
+            "source": hub_source,
+            "type": format!("dev.gantry.usage.{}", r.meter.name()),
+            "time": r.hour_start,
+            "subject": r.org,
+            "datacontenttype": "application/json",
+            "data": r,
+        });
+        out.push_str(&event.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// The export: the query's entries in the asked format.
+pub async fn export(State(hub): State<Arc<Hub>>, principal: Principal, ApiQuery(query): ApiQuery<UsageQuery>) -> ApiResult<Response> {
+    match &query.org {
+        Some(org) => {
+            if !principal.access.everywhere.has(Perm::Billing) {
+                authorize(&principal, org, Perm::Billing, &format!("org {org}"))?;
+            }
+            if hub.store.org(org)?.is_none() {
+                return Err(ApiError::not_found(&format!("org {org}")));
+            }
+        }
+        None => require_operator(&principal, Perm::Billing)?,
+    }
+    let from_ms = parse_time(&query.from).map_err(ApiError::bad_request)?;
+    let to_ms = parse_time(&query.to).map_err(ApiError::bad_request)?;
+    if from_ms >= to_ms {
+        return Err(ApiError::bad_request("from must be before to"));
+    }
+    let format = query.format.as_deref().unwrap_or("json").to_string();
+    if !matches!(format.as_str(), "json" | "csv" | "cloudevents") {
+        return Err(ApiError::bad_request(format!("format {format:?} must be json, csv or cloudevents")));
+    }
+    let store = hub.store.clone();
+    let org = query.org.clone();
+    let entries = tokio::task::spawn_blocking(move || -> Result<Result<Vec<LedgerEntry>, ()>, crate::store::Error> {
+        let mut out: Vec<LedgerEntry> = Vec::new();
+        loop {
+            let page = store.ledger_entries(org.as_deref(), from_ms, to_ms, out.last(), EXPORT_PAGE)?;
+            let done = page.len() < EXPORT_PAGE;
+            out.extend(page);
+            if out.len() > MAX_EXPORT_ENTRIES {
+                return Ok(Err(()));
+            }
+            if done {
+                return Ok(Ok(out));
+            }
+        }
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "usage export failed"))??
+    .map_err(|()| ApiError::bad_request(format!("more than {MAX_EXPORT_ENTRIES} entries in this range; export shorter ranges")))?;
+    let rows: Vec<UsageRow> = entries.iter().map(row).collect();
+    let disposition = |ext: &str| HeaderValue::from_str(&format!("attachment; filename=\"usage-{from_ms}-{to_ms}.{ext}\"")).ok();
+    match format.as_str() {
+        "csv" => {
+            let mut response = ([(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"))], to_csv(&rows)).into_response();
+            if let Some(value) = disposition("csv") {
+                response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+            }
+            Ok(response)
+        }
+        "cloudevents" => {
+            let source = format!("//{}/billing/usage", hub.public_addr);
+            Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))], to_cloudevents(&rows, &source)).into_response())
+        }
+        _ => {
+            let mut totals: BTreeMap<String, BTreeMap<Meter, i64>> = BTreeMap::new();
+            let orgs: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.org.as_str()).collect();
+            for org in orgs {
+                totals.insert(org.to_string(), hub.store.ledger_usage(org, from_ms, to_ms)?);
+            }
+            Ok(Json(UsageExport { from_ms, to_ms, org: query.org, entries: rows, totals }).into_response())
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Record an operator's correction.
+pub async fn correct(State(hub): State<Arc<Hub>>, principal: Principal, ApiJson(request): ApiJson<CorrectionRequest>) -> ApiResult<Response> {
+    require_operator(&principal, Perm::Billing)?;
+    let meter = Meter::parse(&request.meter).map_err(ApiError::bad_request)?;
+    if request.quantity == 0 {
+        return Err(ApiError::bad_request("quantity must not be zero"));
+    }
+    let reason = request.reason.trim();
+    if reason.is_empty() || reason.len() > 500 {
+        return Err(ApiError::bad_request("reason must be 1 to 500 characters"));
+    }
+    if hub.store.org(&request.org)?.is_none() {
+        return Err(ApiError::not_found(&format!("org {}", request.org)));
+    }
+    let now = crate::wall_ms();
+    let time = |t: &Option<String>| t.as_deref().map(parse_time).transpose().map_err(ApiError::bad_request);
+    let hour_ms = hour_of(time(&request.hour)?.unwrap_or(now));
+    let corrects_period_start_ms = time(&request.period_start)?;
+    let id = match request.id {
+        Some(id) if valid_id(&id) => id,
+        Some(_) => return Err(ApiError::bad_request("id must be 1 to 64 letters, digits, '-', '_' or '.'")),
+        None => format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
+    };
+    let entry = LedgerEntry {
+        seq: 0,
+        org: request.org,
+        meter,
+        hour_ms,
+        source: format!("correction:{id}"),
+        quantity: request.quantity,
+        kind: EntryKind::Correction { reason: reason.to_string(), actor: principal.name.clone(), corrects_period_start_ms },
+        recorded_at_ms: now,
+    };
+    let store = hub.store.clone();
+    let (recorded, stored) = tokio::task::spawn_blocking(move || -> Result<_, crate::store::Error> {
+        let recorded = store.record(&entry)?;
+        let stored = store.ledger_entry(&entry.org, entry.meter, entry.hour_ms, &entry.source)?;
+        Ok((recorded, stored.unwrap_or(entry)))
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "recording the correction failed"))??;
+    let duplicate = matches!(recorded, LedgerRecorded::Duplicate { .. });
+    let status = if duplicate { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(CorrectionResponse { entry: row(&stored), duplicate })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(source: &str, reason: Option<&str>) -> LedgerEntry {
+        LedgerEntry {
+            seq: 7,
+            org: "acme".into(),
+            meter: Meter::LogBytes,
+            hour_ms: 3_600_000,
+            source: source.into(),
+            quantity: -5,
+            kind: match reason {
+                Some(r) => EntryKind::Correction { reason: r.into(), actor: "op@example.com".into(), corrects_period_start_ms: None },
+                None => EntryKind::Usage,
+            },
+            recorded_at_ms: 3_600_001,
+        }
+    }
+
+    #[test]
+    fn ledger_csv_quotes_commas_quotes_and_newlines() {
+        let rows = [row(&entry("correction:1", Some("said \"oops\", then\nfixed"))), row(&entry("agt_1", None))];
+        let csv = to_csv(&rows);
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(lines[0], CSV_HEADER);
+        assert!(csv.contains("\"said \"\"oops\"\", then\nfixed\""), "{csv}");
+        assert!(lines.last().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ledger_export_ids_come_from_the_key_alone() {
+        let a = entry("agt_1", None);
+        let b = LedgerEntry { seq: 99, recorded_at_ms: 5, ..a.clone() };
+        assert_eq!(entry_id(&a), entry_id(&b));
+        assert_ne!(entry_id(&a), entry_id(&entry("agt_2", None)));
+        let event: serde_json::Value = serde_json::from_str(to_cloudevents(&[row(&a)], "//hub/billing/usage").trim()).unwrap();
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["type"], "dev.gantry.usage.log_bytes");
+        assert_eq!(event["subject"], "acme");
+        assert_eq!(event["data"]["quantity"], -5);
+    }
+}

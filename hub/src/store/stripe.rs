@@ -1,0 +1,232 @@
+//! Stripe's share of the store: the meter-event outbox with its ledger cursor, and the
+//! Stripe webhook events already processed with the ordering marks that make late events
+//! converge.
+//!
+//! Keys: outbox rows by their meter-event identifier; the cursor under `cursor` in the meta
+//! tree; events by Stripe event id; ordering marks by org. The cursor only moves in the same
+//! transaction that writes the rows of the entries it passes, so an entry is never skipped
+//! and never queued twice. This module decides nothing about Stripe: callers pass the rows
+//! and the rules (`billing/stripe.rs`).
+
+use super::{decode, encode, Error, Store};
+use crate::billing::Meter;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+/// The trees of this module.
+#[derive(Debug, Clone)]
+pub(super) struct Trees {
+    outbox: sled::Tree,
+    meta: sled::Tree,
+    events: sled::Tree,
+    marks: sled::Tree,
+}
+
+impl Trees {
+    pub fn open(db: &sled::Db) -> Result<Trees, Error> {
+        Ok(Trees {
+            outbox: db.open_tree("stripe_outbox")?,
+            meta: db.open_tree("stripe_meta")?,
+            events: db.open_tree("stripe_events")?,
+            marks: db.open_tree("stripe_marks")?,
+        })
+    }
+}
+
+const CURSOR_KEY: &[u8] = b"cursor";
+
+/// Where an outbox row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxState {
+    /// Not sent yet (or Stripe refused it with a retryable answer).
+    Pending,
+    /// A request left; whether Stripe recorded it is unknown until it answers or a
+    /// reconciliation decides.
+    Sent,
+    /// Stripe recorded it.
+    Confirmed,
+    /// Not sendable as a meter event (older than Stripe's 35-day window, or a negative
+    /// correction): reported as an invoice adjustment instead.
+    Fallback,
+    /// A reconciliation could not tell whether Stripe has it: an operator decides.
+    NeedsReview,
+}
+
+impl OutboxState {
+    pub fn name(self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Sent => "sent",
+            OutboxState::Confirmed => "confirmed",
+            OutboxState::Fallback => "fallback",
+            OutboxState::NeedsReview => "needs_review",
+        }
+    }
+}
+
+/// One ledger entry on its way to Stripe as a meter event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRow {
+    /// The meter event's `identifier`, also its `Idempotency-Key`.
+    pub identifier: String,
+    /// The ledger entry's sequence number.
+    pub seq: u64,
+    pub org: String,
+    pub meter: Meter,
+    pub hour_ms: i64,
+    pub source: String,
+    pub quantity: i64,
+    pub state: OutboxState,
+    pub created_at_ms: i64,
+    /// When the last request left (for the 24 h identifier window).
+    pub sent_at_ms: Option<i64>,
+    /// When the first request left: resending with the same key is safe only while
+    /// Stripe still remembers it.
+    pub first_sent_at_ms: Option<i64>,
+    pub confirmed_at_ms: Option<i64>,
+    pub attempts: u32,
+    /// Why the row is in `fallback` or `needs_review`, or the last error.
+    pub note: Option<String>,
+}
+
+/// A Stripe webhook event already processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeEvent {
+    pub id: String,
+    pub event_type: String,
+    /// Stripe's `created`, Unix seconds.
+    pub created: i64,
+    pub org: Option<String>,
+    /// What it did (`payment_failed`, `stale: ...`, `ignored: ...`).
+    pub effect: String,
+    pub received_at_ms: i64,
+}
+
+/// Per org: the newest Stripe event times already applied, per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderMarks {
+    pub payment_failed: i64,
+    pub payment_succeeded: i64,
+    pub subscription: i64,
+}
+
+/// What recording an event found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Seen before: nothing done.
+    Duplicate(StripeEvent),
+    /// Recorded now; `apply` says whether its effect is to be applied (not stale).
+    New { apply: bool },
+}
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn unwrap_tx(e: TransactionError<Error>) -> Error {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => Error::Sled(e),
+    }
+}
+
+impl Store {
+    /// The last ledger sequence number queued (0 before any).
+    pub fn stripe_cursor(&self) -> Result<u64, Error> {
+        Ok(match self.stripe.meta.get(CURSOR_KEY)? {
+            Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().map_err(|_| Error::Corrupt("stripe cursor".into()))?),
+            None => 0,
+        })
+    }
+
+    /// Queue `rows` and move the cursor to `cursor`, in one transaction, only if the cursor is
+    /// still `expected` (another exporter moved it otherwise: [`Error::Conflict`]). A row
+    /// whose identifier is already queued is left as it is.
+    pub fn stripe_enqueue(&self, expected: u64, cursor: u64, rows: &[OutboxRow]) -> Result<(), Error> {
+        (&self.stripe.outbox, &self.stripe.meta)
+            .transaction(|(outbox, meta)| {
+                let current = match meta.get(CURSOR_KEY)? {
+                    Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().map_err(|_| abort(Error::Corrupt("stripe cursor".into())))?),
+                    None => 0,
+                };
+                if current != expected {
+                    return Err(abort(Error::Conflict(format!("stripe cursor moved from {expected} to {current}"))));
+                }
+                for row in rows {
+                    if outbox.get(row.identifier.as_bytes())?.is_none() {
+                        outbox.insert(row.identifier.as_bytes(), encode(row))?;
+                    }
+                }
+                meta.insert(CURSOR_KEY, &cursor.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(unwrap_tx)?;
+        self.durable()
+    }
+
+    /// Every outbox row in `states` (all rows when empty), in identifier order.
+    pub fn stripe_outbox(&self, states: &[OutboxState]) -> Result<Vec<OutboxRow>, Error> {
+        let mut rows = Vec::new();
+        for item in self.stripe.outbox.iter() {
+            let (_, value) = item?;
+            let row: OutboxRow = decode("stripe outbox row", &value)?;
+            if states.is_empty() || states.contains(&row.state) {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    pub fn stripe_outbox_row(&self, identifier: &str) -> Result<Option<OutboxRow>, Error> {
+        self.stripe.outbox.get(identifier.as_bytes())?.map(|v| decode("stripe outbox row", &v)).transpose()
+    }
+
+    /// Write a row's new state durably (before a request leaves, and after it answered).
+    pub fn stripe_put_row(&self, row: &OutboxRow) -> Result<(), Error> {
+        self.stripe.outbox.insert(row.identifier.as_bytes(), encode(row))?;
+        self.durable()
+    }
+
+    /// Record a webhook event once, with the org's ordering marks, in one transaction.
+    /// `decide` gets the org's marks and answers whether the event applies and the new
+    /// marks. A known event id answers [`Recorded::Duplicate`] and changes nothing.
+    pub fn stripe_record_event(&self, event: &StripeEvent, decide: impl Fn(OrderMarks) -> (bool, OrderMarks, String)) -> Result<Recorded, Error> {
+        let recorded = (&self.stripe.events, &self.stripe.marks)
+            .transaction(|(events, marks)| {
+                if let Some(raw) = events.get(event.id.as_bytes())? {
+                    return Ok(Recorded::Duplicate(decode("stripe event", &raw).map_err(abort)?));
+                }
+                let mut stored = event.clone();
+                let apply = match &event.org {
+                    Some(org) => {
+                        let current = match marks.get(org.as_bytes())? {
+                            Some(raw) => decode("stripe marks", &raw).map_err(abort)?,
+                            None => OrderMarks::default(),
+                        };
+                        let (apply, next, effect) = decide(current);
+                        marks.insert(org.as_bytes(), encode(&next))?;
+                        stored.effect = effect;
+                        apply
+                    }
+                    None => false,
+                };
+                events.insert(event.id.as_bytes(), encode(&stored))?;
+                Ok(Recorded::New { apply })
+            })
+            .map_err(unwrap_tx)?;
+        self.durable()?;
+        Ok(recorded)
+    }
+
+    /// Forget an event whose effect could not be applied, so Stripe's retry applies it.
+    pub fn stripe_forget_event(&self, id: &str) -> Result<(), Error> {
+        self.stripe.events.remove(id.as_bytes())?;
+        self.durable()
+    }
+
+    pub fn stripe_event(&self, id: &str) -> Result<Option<StripeEvent>, Error> {
+        self.stripe.events.get(id.as_bytes())?.map(|v| decode("stripe event", &v)).transpose()
+    }
+}

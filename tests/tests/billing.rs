@@ -1,0 +1,142 @@
+//! Plans, subscriptions and what a subscription's status allows, against a real hub and a
+//! real agent: the plan catalog is versioned and validated; a suspended org keeps its data
+//! and its agents keep their logs buffered while deployments and enrollments are refused;
+//! a payment restores it and every buffered line arrives exactly once.
+
+#![allow(clippy::unwrap_used)]
+
+use gantry_tests::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+async fn send_json(api: &Api, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, text) = api.send(method, path, Some("application/json"), serde_json::to_vec(body).unwrap()).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn team_plan() -> Value {
+    json!({
+        "id": "team",
+        "name": "Team",
+        "prices": {
+            "currency": "USD",
+            "base_minor": 4900,
+            "meters": [
+                { "meter": "agent_hours", "included": 7200, "charge": { "model": "per_unit", "unit": { "minor": 2, "per": 1 } } },
+                { "meter": "log_bytes", "included": 10000000000u64, "charge": { "model": "package", "size": 1000000000, "price_minor": 50 } }
+            ]
+        },
+        "limits": { "agents": 10, "retention_days": 30 },
+        "trial": { "days": 14 }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_are_versioned_and_a_subscription_carries_its_limits_to_the_org() {
+    let dir = TempDir::new("billing-plans");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 3).await;
+    let api = hub.api();
+    let (code, plan) = api.post("/api/v1/plans", &team_plan()).await;
+    assert_eq!(code, 201, "{plan}");
+    assert_eq!(plan["version"], 1);
+    let (code, _) = api.post("/api/v1/plans", &team_plan()).await;
+    assert_eq!(code, 409, "plan ids are unique");
+    let mut bad = team_plan();
+    bad["id"] = json!("bad");
+    bad["prices"]["currency"] = json!("dollars");
+    let (code, body) = api.post("/api/v1/plans", &bad).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("currency"), "{body}");
+    assert_eq!(api.get("/api/v1/plans/bad").await.0, 404, "a refused plan is not stored");
+
+    let (code, sub) = send_json(&api, "PUT", "/api/v1/orgs/acme/subscription", &json!({ "plan": "team" })).await;
+    assert_eq!(code, 200, "{sub}");
+    assert_eq!(sub["status"], "trialing");
+    assert_eq!(sub["entitlements"], json!({ "ingest": true, "deploy": true, "enroll": true, "read": true }));
+    let (_, org) = api.get("/api/v1/orgs/acme").await;
+    assert_eq!((org["agent_limit"].as_u64(), org["retention_days"].as_u64()), (Some(10), Some(30)), "the plan's limits apply: {org}");
+
+    // A new version never rewrites the old one; the subscription stays on the version it has.
+    let mut cheaper = team_plan();
+    cheaper.as_object_mut().unwrap().remove("id");
+    cheaper["prices"]["base_minor"] = json!(3900);
+    let (code, v2) = send_json(&api, "PUT", "/api/v1/plans/team", &cheaper).await;
+    assert_eq!(code, 200, "{v2}");
+    assert_eq!(v2["version"], 2);
+    let (_, all) = api.get("/api/v1/plans/team").await;
+    let bases: Vec<i64> = all["versions"].as_array().unwrap().iter().map(|v| v["prices"]["base_minor"].as_i64().unwrap()).collect();
+    assert_eq!(bases, [4900, 3900]);
+    let (_, sub) = api.get("/api/v1/orgs/acme/subscription").await;
+    assert_eq!(sub["plan_version"], 1);
+    let (code, _) = api.get("/api/v1/orgs/acme/invoices/preview").await;
+    assert_eq!(code, 200);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_org_keeps_its_data_and_agents_buffer_until_a_payment_restores_it() {
+    let dir = TempDir::new("billing-suspend");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 5).await;
+    let api = hub.api();
+    let mut plan = team_plan();
+    plan.as_object_mut().unwrap().remove("trial");
+    assert_eq!(api.post("/api/v1/plans", &plan).await.0, 201);
+    let (code, sub) = send_json(&api, "PUT", "/api/v1/orgs/acme/subscription", &json!({ "plan": "team" })).await;
+    assert_eq!((code, sub["status"].as_str()), (200, Some("active")), "{sub}");
+
+    let token = hub.token("acme", 2, "10m").await;
+    let state = dir.path().join("agent");
+    let id = enroll(&token, &state).await.unwrap();
+    let log = dir.path().join("app.log");
+    std::fs::write(&log, "").unwrap();
+    let config = agent_config_file(dir.path(), &state, &[&log], "[host]\nenabled = false\n[docker]\nenabled = false");
+    let _agent = AgentProcess::start_with_config(&config, &state);
+    hub.wait_status(&id, "online", Duration::from_secs(20)).await;
+    let writer = LineWriter::start(&log, Duration::from_millis(5));
+    let logs = format!("/api/v1/agents/{id}/logs");
+    wait_for(Duration::from_secs(30), "lines before the suspension", || async { (!api.all_records(&logs, "").await.is_empty()).then_some(()) }).await;
+
+    // Three failed payments: past due, past due, suspended.
+    for (n, expected) in [(1, "past_due"), (2, "past_due"), (3, "suspended")] {
+        let s = gantry_hub::billing::plans::payment_failed(&hub.hub, "acme", gantry_hub::wall_ms()).unwrap();
+        assert_eq!((s.failed_payments, s.status.name()), (n, expected));
+    }
+    let stored_at_suspension = api.all_records(&logs, "").await.len();
+    // Deployments and enrollments are refused with the reason; data stays readable.
+    let deployment = json!({ "spec": { "name": "web", "services": [{ "name": "app", "image": "busybox:1" }] }, "targets": { "agents": [id] } });
+    let (code, body) = api.post("/api/v1/orgs/acme/deployments", &deployment).await;
+    assert_eq!(code, 402, "{body}");
+    assert_eq!(body["error"]["code"], "subscription_inactive");
+    assert!(body["error"]["message"].as_str().unwrap().contains("suspended"), "{body}");
+    let second = enroll(&token, &dir.path().join("agent-2")).await;
+    let refusal = format!("{:#}", second.unwrap_err());
+    assert!(refusal.contains("suspended"), "enrollment is refused with the reason: {refusal}");
+    assert_eq!(api.get("/api/v1/orgs/acme/agents").await.0, 200);
+    // The agent keeps sending and the hub keeps refusing: nothing more is stored while the
+    // lines pile up in the agent's spool.
+    let before = api.all_records(&logs, "").await.len();
+    assert!(before >= stored_at_suspension);
+    let written_while_suspended = wait_for(Duration::from_secs(30), "the writer to add 200 lines", || async {
+        let now = std::fs::read_to_string(&log).unwrap().lines().count();
+        (now >= before + 200).then_some(now)
+    })
+    .await;
+    let during = api.all_records(&logs, "").await.len();
+    assert_eq!(during, before, "a suspended org ingests nothing new: {written_while_suspended} lines were written meanwhile");
+
+    // Payment: active again; every buffered line arrives, once.
+    let s = gantry_hub::billing::plans::payment_succeeded(&hub.hub, "acme", gantry_hub::wall_ms()).unwrap();
+    assert_eq!((s.status.name(), s.failed_payments), ("active", 0));
+    let written = writer.stop();
+    let records = wait_for(Duration::from_secs(60), "every line after the payment", || async {
+        let records = api.all_records(&logs, "").await;
+        (records.len() as u64 >= written).then_some(records)
+    })
+    .await;
+    assert_lines_exactly_once(&records, written);
+    let (code, body) = api.post("/api/v1/orgs/acme/deployments", &deployment).await;
+    assert_ne!(code, 402, "deploying works again: {body}");
+    hub.stop().await;
+}
