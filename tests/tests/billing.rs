@@ -140,3 +140,101 @@ async fn a_suspended_org_keeps_its_data_and_agents_buffer_until_a_payment_restor
     assert_ne!(code, 402, "deploying works again: {body}");
     hub.stop().await;
 }
+
+fn usage(org: &str, meter: gantry_hub::billing::Meter, hour_ms: i64, source: &str, quantity: i64) -> gantry_hub::store::LedgerEntry {
+    gantry_hub::store::LedgerEntry {
+        seq: 0,
+        org: org.into(),
+        meter,
+        hour_ms,
+        source: source.into(),
+        quantity,
+        kind: gantry_hub::store::EntryKind::Usage,
+        recorded_at_ms: gantry_hub::wall_ms(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_invoice_is_exact_unchanged_by_duplicates_and_never_rewritten() {
+    use gantry_hub::billing::{Meter, HOUR_MS};
+    let dir = TempDir::new("billing-invoice");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 5).await;
+    let api = hub.api();
+    let plan = json!({
+        "id": "hourly", "name": "Hourly",
+        "prices": { "currency": "USD", "base_minor": 4900, "meters": [
+            { "meter": "agent_hours", "included": 10, "charge": { "model": "per_unit", "unit": { "minor": 100 } } },
+            { "meter": "log_bytes", "included": 0, "charge": { "model": "volume", "tiers": [
+                { "up_to": 1000, "unit": { "minor": 2, "per": 10 } },
+                { "up_to": null, "unit": { "minor": 1, "per": 10 } } ] } } ] }
+    });
+    assert_eq!(api.post("/api/v1/plans", &plan).await.0, 201);
+    let (code, _) = send_json(&api, "PUT", "/api/v1/orgs/acme/subscription", &json!({ "plan": "hourly" })).await;
+    assert_eq!(code, 200);
+    // Move the subscription's start back so its first period (January 2026) has ended.
+    let anchor = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    hub.hub
+        .store
+        .update_subscription("acme", |s| {
+            let mut s = s.unwrap();
+            s.period_anchor_ms = anchor;
+            s.created_at_ms = anchor;
+            s.changes[0].at_ms = anchor;
+            Ok(s)
+        })
+        .unwrap();
+    // 30 agent hours and 1,500 log bytes in January, from three agents.
+    let mut entries = Vec::new();
+    for hour in 0..10 {
+        for agent in ["agt_a", "agt_b", "agt_c"] {
+            entries.push(usage("acme", Meter::AgentHours, anchor + hour * HOUR_MS, agent, 1));
+        }
+    }
+    for (hour, bytes) in [(0, 500), (5, 700), (9, 300)] {
+        entries.push(usage("acme", Meter::LogBytes, anchor + hour * HOUR_MS, "agt_a", bytes));
+    }
+    for entry in &entries {
+        assert!(matches!(hub.hub.store.record(entry).unwrap(), gantry_hub::store::LedgerRecorded::Appended { .. }));
+    }
+    let (code, body) = api.post("/api/v1/billing/close", &json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["closed"].as_u64().unwrap() >= 1, "{body}");
+    let (_, list) = api.get("/api/v1/orgs/acme/invoices").await;
+    let january = list["invoices"].as_array().unwrap().iter().find(|i| i["period"]["start"] == "2026-01-01T00:00:00Z").unwrap().clone();
+    // By hand: base 49.00; agent hours 30 - 10 included = 20 × 1.00 = 20.00; log bytes 1,500
+    // reach the second volume tier, so all 1,500 at 1 per 10 = 150 minor = 1.50.
+    // Total 4,900 + 2,000 + 150 = 7,050.
+    assert_eq!(january["invoice"]["total_minor"], 7050, "{january}");
+    let amounts: i64 = january["invoice"]["lines"].as_array().unwrap().iter().map(|l| l["amount_minor"].as_i64().unwrap()).sum();
+    assert_eq!(amounts, 7050, "the total is the sum of its lines");
+
+    // Duplicates of 10 %, 50 % and 100 % of the entries change nothing, to the cent.
+    for share in [10, 50, 100] {
+        for entry in entries.iter().take(entries.len() * share / 100) {
+            assert!(matches!(hub.hub.store.record(entry).unwrap(), gantry_hub::store::LedgerRecorded::Duplicate { .. }), "{share} %");
+        }
+        let s = hub.hub.store.subscription("acme").unwrap().unwrap();
+        let recomputed = gantry_hub::billing::invoices::invoice_for(&hub.hub, &s, anchor, 1_769_904_000_000).unwrap();
+        assert_eq!(serde_json::to_value(&recomputed).unwrap(), january["invoice"], "after resending {share} %");
+    }
+    // The same key with another value is refused.
+    let mut changed = entries[0].clone();
+    changed.quantity = 2;
+    assert!(hub.hub.store.record(&changed).is_err(), "a conflicting re-record is refused");
+    // Late usage for January does not touch the closed invoice.
+    hub.hub.store.record(&usage("acme", Meter::AgentHours, anchor + 20 * HOUR_MS, "agt_late", 1)).unwrap();
+    api.post("/api/v1/billing/close", &json!({})).await;
+    let (_, again) = api.get("/api/v1/orgs/acme/invoices").await;
+    let still = again["invoices"].as_array().unwrap().iter().find(|i| i["period"]["start"] == "2026-01-01T00:00:00Z").unwrap().clone();
+    assert_eq!(still, january, "a closed invoice never changes");
+    // It is carried, once, onto the open period's invoice instead: one more agent hour over
+    // the allowance is 1.00.
+    let (code, preview) = api.get("/api/v1/orgs/acme/invoices/preview").await;
+    assert_eq!(code, 200, "{preview}");
+    let carried: Vec<&Value> = preview["invoice"]["lines"].as_array().unwrap().iter().filter(|l| l["kind"] == "adjustment").collect();
+    assert_eq!(carried.len(), 1, "{preview}");
+    assert_eq!(carried[0]["amount_minor"], 100);
+    assert!(carried[0]["description"].as_str().unwrap().contains("2026-01-01"), "{preview}");
+    hub.stop().await;
+}

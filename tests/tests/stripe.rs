@@ -2,6 +2,8 @@
 //! sync, meter events through the outbox, a crash between Stripe's answer and the outbox
 //! commit, 429s), and Stripe's webhooks (signature rules, duplicates, order, lifecycle).
 
+#![allow(clippy::unwrap_used)]
+
 use gantry_hub::billing::plans::{self, PlanRequest, Status};
 use gantry_hub::billing::stripe;
 use gantry_hub::billing::Meter;
@@ -144,13 +146,7 @@ async fn the_after_send_hook_between_answer_and_commit_leaves_totals_unchanged()
     // Webhook secret only: the test drives the exporter passes itself.
     let hub = start_hub(data.path(), secrets.path(), None).await;
     subscribed_org(&hub, "acme", None).await;
-    let settings = stripe::Settings::from_config(&gantry_hub::config::Config {
-        stripe: gantry_hub::config::StripeConfig { api_base: stub.base_url(), secret_key: Some(RedactedSecret(SECRET_KEY.into())), ..Default::default() },
-        ..Default::default()
-    })
-    .unwrap()
-    .unwrap();
-    let client = stripe::Client::new(settings).unwrap();
+    let client = stub_client(stub.base_url());
     let hour = this_hour() - 3_600_000;
     hub.hub.store.record(&usage("acme", Meter::Events, hour, "agent-1", 42)).unwrap();
     let crash: stripe::AfterSendHook = std::sync::Arc::new(|_| true);
@@ -163,6 +159,53 @@ async fn the_after_send_hook_between_answer_and_commit_leaves_totals_unchanged()
     assert_eq!(stripe::outbox_counts(&hub.hub).unwrap().get("confirmed"), Some(&1));
     assert_eq!(stub.totals().get(&(acme, "gantry_events".into())), Some(&42));
     assert_eq!(stub.events().len(), 1);
+    hub.stop().await;
+}
+
+/// A client of the stub for tests that drive the exporter themselves.
+fn stub_client(api_base: String) -> stripe::Client {
+    let config = gantry_hub::config::Config {
+        stripe: gantry_hub::config::StripeConfig { api_base, secret_key: Some(RedactedSecret(SECRET_KEY.into())), ..Default::default() },
+        ..Default::default()
+    };
+    stripe::Client::new(stripe::Settings::from_config(&config).unwrap().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn after_the_24_hour_window_rows_are_reconciled_never_resent_blindly() {
+    let (data, secrets) = (TempDir::new("stripe-reconcile"), TempDir::new("stripe-reconcile-secrets"));
+    let stub = StripeStub::start().await;
+    let hub = start_hub(data.path(), secrets.path(), None).await;
+    subscribed_org(&hub, "acme", None).await;
+    let client = stub_client(stub.base_url());
+    let hour = this_hour() - 3_600_000;
+    // Row 1: Stripe recorded it, the exporter died before the commit.
+    hub.hub.store.record(&usage("acme", Meter::Events, hour, "agent-1", 4)).unwrap();
+    let crash: stripe::AfterSendHook = std::sync::Arc::new(|_| true);
+    stripe::pass(&hub.hub, &client, Some(&crash)).await.unwrap();
+    // Row 2 (another meter): the request never reached Stripe.
+    hub.hub.store.record(&usage("acme", Meter::CheckRuns, hour, "agent-1", 6)).unwrap();
+    let unreachable = stub_client("http://127.0.0.1:9".into());
+    stripe::enqueue(&hub.hub, gantry_hub::wall_ms()).unwrap();
+    stripe::deliver(&hub.hub, &unreachable, gantry_hub::wall_ms(), None).await.unwrap();
+    assert_eq!(stripe::outbox_counts(&hub.hub).unwrap().get("sent"), Some(&2));
+    let acme = plans::subscription(&hub.hub, "acme").unwrap().unwrap().stripe_customer_id.unwrap();
+    let replays = stub.replays();
+
+    // 25 hours later Stripe has forgotten both keys: ask its summaries, do not resend.
+    let later = gantry_hub::wall_ms() + 25 * 3_600_000;
+    stripe::deliver(&hub.hub, &client, later, None).await.unwrap();
+    let rows = hub.hub.store.stripe_outbox(&[]).unwrap();
+    let state = |meter: Meter| rows.iter().find(|r| r.meter == meter).unwrap().state;
+    assert_eq!(state(Meter::Events), OutboxState::Confirmed, "found in Stripe's summary: {rows:?}");
+    assert_eq!(state(Meter::CheckRuns), OutboxState::Pending, "not in Stripe: queued again: {rows:?}");
+    assert_eq!(stub.events().len(), 1, "nothing resent by the reconciliation");
+    assert_eq!(stub.replays(), replays);
+    stripe::deliver(&hub.hub, &client, later, None).await.unwrap();
+    let totals = stub.totals();
+    assert_eq!(totals.get(&(acme.clone(), "gantry_events".into())), Some(&4));
+    assert_eq!(totals.get(&(acme, "gantry_check_runs".into())), Some(&6));
+    assert_eq!(stripe::outbox_counts(&hub.hub).unwrap().get("confirmed"), Some(&2));
     hub.stop().await;
 }
 

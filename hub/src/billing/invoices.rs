@@ -3,7 +3,7 @@
 //! periods, after which an invoice never changes.
 
 use super::plans::{period_containing, Subscription};
-use super::shim::{compute_invoice, Invoice, Segment};
+use super::pricing::{compute_invoice, Adjustment, Invoice, Segment};
 use super::Meter;
 use crate::store::{ClosedInvoice, Error};
 use crate::Hub;
@@ -23,8 +23,14 @@ pub fn usage(hub: &Hub, org: &str, from_ms: i64, to_ms: i64) -> Result<BTreeMap<
 }
 
 /// The invoice of `s`'s period `[start, end)`: split at plan changes and the trial's end,
-/// each piece priced by the plan version it was on, with the usage the ledger holds.
+/// each piece priced by the plan version it was on, with the usage the ledger holds, and
+/// late usage of earlier closed periods carried onto it.
 pub fn invoice_for(hub: &Hub, s: &Subscription, start: i64, end: i64) -> Result<Invoice, InvoiceError> {
+    Ok(invoice_with_late_usage(hub, s, start, end)?.0)
+}
+
+/// What `[start, end)`'s own usage costs, with `adjustments` added.
+fn priced(hub: &Hub, s: &Subscription, start: i64, end: i64, adjustments: &[Adjustment]) -> Result<Invoice, InvoiceError> {
     let mut cuts = vec![start, end];
     cuts.extend(s.changes.iter().map(|c| c.at_ms).filter(|t| *t > start && *t < end));
     cuts.extend(s.trial_end_ms.filter(|t| *t > start && *t < end));
@@ -55,7 +61,32 @@ pub fn invoice_for(hub: &Hub, s: &Subscription, start: i64, end: i64) -> Result<
             usage: usage(hub, &s.org, from, to)?,
         });
     }
-    compute_invoice(start, end, &segments, &[]).map_err(InvoiceError::Pricing)
+    compute_invoice(start, end, &segments, adjustments).map_err(InvoiceError::Pricing)
+}
+
+/// The invoice of `[start, end)` with late usage carried onto it: for each earlier closed
+/// period, what its usage costs now, minus what its invoice charged and what invoices after
+/// it already carried. Returns the invoice and what it carries, by earlier period start.
+pub fn invoice_with_late_usage(hub: &Hub, s: &Subscription, start: i64, end: i64) -> Result<(Invoice, BTreeMap<i64, i64>), InvoiceError> {
+    let closed = hub.store.closed_invoices(&s.org)?;
+    let mut adjustments = Vec::new();
+    let mut carried = BTreeMap::new();
+    for earlier in closed.iter().filter(|c| c.invoice.to_ms <= start) {
+        let from = earlier.invoice.from_ms;
+        let already: i64 = closed.iter().filter(|c| c.invoice.from_ms > from && c.invoice.from_ms < start).filter_map(|c| c.carried.get(&from)).sum();
+        let own_total = earlier.invoice.total_minor - earlier.carried.values().sum::<i64>();
+        let late = priced(hub, s, from, earlier.invoice.to_ms, &[])?.total_minor - own_total - already;
+        if late != 0 {
+            let day = crate::api::rfc3339(from);
+            adjustments.push(Adjustment {
+                description: format!("usage reported after the period starting {} was invoiced", day.get(..10).unwrap_or(&day)),
+                amount_minor: late,
+                reason: "late usage".into(),
+            });
+            carried.insert(from, late);
+        }
+    }
+    Ok((priced(hub, s, start, end, &adjustments)?, carried))
 }
 
 /// Close every ended period of every subscription whose usage is complete (`settled_ms`:
@@ -70,9 +101,9 @@ pub fn close_periods(hub: &Hub, settled_ms: i64) -> Result<usize, InvoiceError> 
                 break;
             }
             if hub.store.closed_invoice(&s.org, start)?.is_none() {
-                let invoice = invoice_for(hub, &s, start, end)?;
+                let (invoice, carried) = invoice_with_late_usage(hub, &s, start, end)?;
                 let id = format!("inv_{}_{}", s.org, crate::api::rfc3339(start).get(..10).unwrap_or_default().replace('-', ""));
-                hub.store.close_invoice(&ClosedInvoice { id, org: s.org.clone(), invoice, closed_at_ms: crate::wall_ms() })?;
+                hub.store.close_invoice(&ClosedInvoice { id, org: s.org.clone(), invoice, closed_at_ms: crate::wall_ms(), carried })?;
                 closed += 1;
             }
             start = end;

@@ -13,7 +13,6 @@ pub mod invoices;
 pub mod ledger;
 pub mod plans;
 pub mod pricing;
-pub mod shim;
 pub mod stripe;
 
 use serde::{Deserialize, Serialize};

@@ -20,8 +20,6 @@
 //! Suspension keeps the org's data and leaves running workloads alone.
 
 use super::pricing::Prices;
-#[allow(unused_imports)]
-use super::shim::ValidatePrices;
 use super::{Meter, HOUR_MS};
 use crate::store::{self, Error};
 use crate::Hub;

@@ -1,8 +1,11 @@
 //! Handing billing to Stripe: customer and subscription sync, usage as meter events through
 //! a durable outbox, and Stripe's webhooks (signature check and event processing).
 //!
-//! The client is a small form-encoded one on the hub's own hyper + rustls stack (see the
-//! README's "Stripe" section for why not async-stripe). Every write carries an
+//! The client is a small form-encoded one on the hub's own hyper + rustls stack, not
+//! async-stripe: its newest release (1.0.0-rc.10) has a base-URL override and a rustls
+//! feature, but its executor reads only `Stripe-Should-Retry` from an answer, never
+//! `Retry-After`, and retries by its own strategy, so the outbox could not honour a 429's
+//! wait. Every write carries an
 //! `Idempotency-Key` that is a function of (org, action, version) or of the meter event's
 //! identifier, so a retry, a crash or a restart never creates a second object or a second
 //! event while Stripe remembers the key (24 h). Past that window a request whose fate is

@@ -468,10 +468,45 @@ mod tests {
         assert_eq!(page.len(), 3);
         let rest = store.ledger_entries(Some("acme"), h, 3 * h, page.last(), 100).unwrap();
         assert_eq!(page.len() + rest.len(), 6);
+        // Hour 1 of every org: acme's two event sources and its peak, acmf, acm.
         let all = store.ledger_entries(None, h, 2 * h, None, 100).unwrap();
-        assert_eq!(all.len(), 6);
+        assert_eq!(all.len(), 5);
+        let second = store.ledger_entries(None, h, 2 * h, all.get(1), 100).unwrap();
+        assert_eq!(second, all[2..]);
         let since: Vec<u64> = store.ledger_since(4, 3).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(since, [5, 6, 7]);
+    }
+
+    /// Telemetry usage: counted per agent and hour of the records in the ingest's own write,
+    /// resends add nothing, and an hour settles only if nothing arrived since it was read.
+    #[tokio::test]
+    async fn ledger_telemetry_usage_counts_each_stored_record_once_per_hour() {
+        use gantry_shared::message::StreamClass;
+        use gantry_shared::telemetry::{LogLine, LogStream, Record, RecordBody};
+        let (store, _dir) = store();
+        let h = crate::billing::HOUR_MS;
+        let log = |seq: u64, ts: i64, line: &str| Record {
+            seq,
+            ts_unix_ms: ts,
+            body: RecordBody::Log(LogLine { source: "/app.log".into(), stream: LogStream::File, container: None, line: line.into() }),
+        };
+        let batch = vec![log(1, h + 5, "abc"), log(2, 2 * h - 1, "defgh"), log(3, 2 * h, "ij")];
+        store.ingest("agt_1", StreamClass::Logs, &batch).await.unwrap();
+        // A resend of the same records is dropped by the high-water mark and counts nothing.
+        store.ingest("agt_1", StreamClass::Logs, &batch).await.unwrap();
+        let pending = store.unsettled_telemetry_usage(3 * h, 100).unwrap();
+        let got: Vec<(i64, u64, u64)> = pending.iter().map(|u| (u.hour_ms, u.records, u.bytes)).collect();
+        assert_eq!(got, [(h, 2, 8), (2 * h, 1, 2)]);
+        assert_eq!(store.unsettled_telemetry_usage(2 * h, 100).unwrap().len(), 1, "only hours before the bound");
+        // More arrives for hour 1 after it was read: settling the stale reading fails.
+        store.ingest("agt_1", StreamClass::Logs, &[log(4, h + 7, "k")]).await.unwrap();
+        assert!(!store.settle_telemetry_usage(&pending[0]).unwrap());
+        assert!(store.settle_telemetry_usage(&pending[1]).unwrap());
+        let again = store.unsettled_telemetry_usage(3 * h, 100).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].records, again[0].bytes), (3, 9), "totals are cumulative");
+        assert!(store.settle_telemetry_usage(&again[0]).unwrap());
+        assert!(store.unsettled_telemetry_usage(3 * h, 100).unwrap().is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use super::{decode, encode, Error, Store};
 use crate::billing::plans::{Plan, Subscription};
-use crate::billing::shim::Invoice;
+use crate::billing::pricing::Invoice;
 use serde::{Deserialize, Serialize};
 
 /// The trees of this module.
@@ -30,6 +30,10 @@ pub struct ClosedInvoice {
     pub org: String,
     pub invoice: Invoice,
     pub closed_at_ms: i64,
+    /// Late usage carried onto this invoice, by the start of the earlier period it belongs
+    /// to, in minor units.
+    #[serde(default)]
+    pub carried: std::collections::BTreeMap<i64, i64>,
 }
 
 fn plan_key(id: &str, version: u32) -> Vec<u8> {

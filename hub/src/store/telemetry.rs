@@ -125,13 +125,14 @@ fn parse_usage_value(value: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// What a record counts for in the stored usage: `(records, bytes)`. Log lines count their
-/// text's bytes, metric records their samples, events and check reports one each; gap
-/// markers nothing.
+/// text's bytes, metric records their samples, events one each, check reports the runs
+/// they report; gap markers nothing.
 fn usage_of(record: &Record) -> (u64, u64) {
     match &record.body {
         RecordBody::Log(line) => (1, line.line.len() as u64),
         RecordBody::Metrics(samples) => (samples.len() as u64, 0),
-        RecordBody::Event(_) | RecordBody::Check(_) => (1, 0),
+        RecordBody::Event(_) => (1, 0),
+        RecordBody::Check(report) => (u64::from(report.runs), 0),
         RecordBody::Gap { .. } => (0, 0),
     }
 }
