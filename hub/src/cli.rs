@@ -71,6 +71,33 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Usage and billing.
+    Billing {
+        #[command(subcommand)]
+        command: BillingCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BillingCommand {
+    /// Print usage ledger entries whose hour starts in `[from, to)`, through the hub's API
+    /// (`GET /api/v1/billing/usage`).
+    Export {
+        /// Start, inclusive: RFC 3339 or Unix milliseconds.
+        #[arg(long)]
+        from: String,
+        /// End, exclusive: RFC 3339 or Unix milliseconds.
+        #[arg(long)]
+        to: String,
+        /// Only this org (required for keys that are not operators').
+        #[arg(long)]
+        org: Option<String>,
+        /// `csv`, `json` or `cloudevents` (JSON lines).
+        #[arg(long, default_value = "csv")]
+        format: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,6 +252,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Quickstart(flags) => quickstart(flags).await,
         Command::Deploy { command } => deploy(command).await,
+        Command::Billing { command: BillingCommand::Export { from, to, org, format, remote } } => {
+            let mut path = format!("/api/v1/billing/usage?from={}&to={}&format={}", query_value(&from), query_value(&to), query_value(&format));
+            if let Some(org) = org {
+                path.push_str(&format!("&org={}", query_value(&org)));
+            }
+            let (status, bytes) = http_request("GET", &remote.url, &path, &remote.key()?, None).await?;
+            if !status.is_success() {
+                let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                anyhow::bail!("hub answered {status}: {}", value["error"]["message"].as_str().unwrap_or("no details"));
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes).context("writing the export")?;
+            Ok(())
+        }
         Command::Audit { command: AuditCommand::Verify { data } } => {
             println!("{}", crate::audit::verify_data_dir(&data)?);
             Ok(())
@@ -256,6 +297,22 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
 
 /// Call the hub's API with an optional JSON body; the parsed reply, or the API's error.
 pub async fn http_json(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+    let (status, bytes) = http_request(method, base, path, bearer, body).await?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let message = value["error"]["message"].as_str().unwrap_or("no details");
+        anyhow::bail!("hub answered {status}: {message}");
+    }
+    Ok(value)
+}
+
+/// A query-string value, percent-encoded (RFC 3986 unreserved characters kept).
+fn query_value(text: &str) -> String {
+    text.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { char::from(b).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// Call the hub's API with an optional JSON body; the status and the raw reply.
+async fn http_request(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>) -> anyhow::Result<(hyper::StatusCode, bytes::Bytes)> {
     use http_body_util::{BodyExt, Full};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
     let uri = format!("{}{path}", base.trim_end_matches('/'));
@@ -276,12 +333,7 @@ pub async fn http_json(method: &str, base: &str, path: &str, bearer: &str, body:
         .with_context(|| format!("cannot reach the hub at {base}"))?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    if !status.is_success() {
-        let message = value["error"]["message"].as_str().unwrap_or("no details");
-        anyhow::bail!("hub answered {status}: {message}");
-    }
-    Ok(value)
+    Ok((status, bytes))
 }
 
 /// Read a deployment file as JSON or YAML.

@@ -238,3 +238,55 @@ async fn a_closed_invoice_is_exact_unchanged_by_duplicates_and_never_rewritten()
     assert!(carried[0]["description"].as_str().unwrap().contains("2026-01-01"), "{preview}");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_ends_at_its_date_or_when_its_usage_runs_out_whichever_is_first() {
+    use gantry_hub::billing::{Meter, HOUR_MS};
+    let dir = TempDir::new("billing-trial");
+    let hub = TestHub::start(&dir.path().join("hub"), |config| config.billing_interval_ms = 100).await;
+    hub.create_org("acme", 5).await;
+    hub.create_org("globex", 5).await;
+    let api = hub.api();
+    let mut plan = team_plan();
+    plan["trial"] = json!({ "days": 14, "usage": { "agent_hours": 5 } });
+    assert_eq!(api.post("/api/v1/plans", &plan).await.0, 201);
+    for org in ["acme", "globex"] {
+        let (code, sub) = send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/subscription"), &json!({ "plan": "team" })).await;
+        assert_eq!((code, sub["status"].as_str()), (200, Some("trialing")), "{sub}");
+    }
+    // acme uses up its trial allowance: five agent hours.
+    let hour = gantry_hub::billing::hour_of(gantry_hub::wall_ms());
+    for agent in ["agt_a", "agt_b", "agt_c", "agt_d", "agt_e"] {
+        hub.hub.store.record(&usage("acme", Meter::AgentHours, hour, agent, 1)).unwrap();
+    }
+    // Usage from before the subscription counts for nothing.
+    hub.hub.store.record(&usage("globex", Meter::AgentHours, hour - 24 * HOUR_MS, "agt_old", 9)).unwrap();
+    let status = |org: &'static str| {
+        let api = api.clone();
+        async move { api.get(&format!("/api/v1/orgs/{org}/subscription")).await.1 }
+    };
+    let ended = wait_for(Duration::from_secs(20), "acme's trial to end by usage", || async {
+        let s = status("acme").await;
+        (s["status"] == "active").then_some(s)
+    })
+    .await;
+    assert!(ended["trial_end_ms"].as_i64().unwrap() <= gantry_hub::wall_ms(), "{ended}");
+    assert_eq!(status("globex").await["status"], "trialing", "globex has used nothing and has days left");
+    // globex's fourteen days are over (moved back in time): its trial ends at its date.
+    let trial_end = gantry_hub::wall_ms() - 1000;
+    hub.hub
+        .store
+        .update_subscription("globex", |s| {
+            let mut s = s.unwrap();
+            s.trial_end_ms = Some(trial_end);
+            Ok(s)
+        })
+        .unwrap();
+    let ended = wait_for(Duration::from_secs(20), "globex's trial to end by date", || async {
+        let s = status("globex").await;
+        (s["status"] == "active").then_some(s)
+    })
+    .await;
+    assert_eq!(ended["trial_end_ms"].as_i64().unwrap(), trial_end, "the trial ended at its date: {ended}");
+    hub.stop().await;
+}

@@ -406,7 +406,8 @@ pub fn end_trials(hub: &Hub, now_ms: i64, usage: impl Fn(&str, i64, i64) -> Resu
         let plan = hub.store.plan_version(&s.plan_id, s.plan_version)?;
         let limits = plan.and_then(|p| p.trial).map(|t| t.usage).unwrap_or_default();
         let used_up = !limits.is_empty() && {
-            let used = usage(&s.org, s.created_at_ms, now_ms)?;
+            // Ledger entries are hourly: count from the hour the subscription started.
+            let used = usage(&s.org, super::hour_of(s.created_at_ms), now_ms.saturating_add(1))?;
             limits.iter().any(|(meter, limit)| used.get(meter).copied().unwrap_or(0) >= *limit)
         };
         if now_ms >= trial_end || used_up {

@@ -196,8 +196,8 @@ fn org_segments(org: u64, starter: &Prices, pro: &Prices) -> Vec<Segment> {
     let mut rng = Rng(org.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED);
     // Most orgs are small; a few run dozens of agents.
     let agents = if rng.range(0, 9) < 7 { rng.range(1, 8) } else { rng.range(8, 60) };
-    let log_bytes_per_agent_hour = rng.range(5_000_000, 200_000_000);
-    let events_per_agent_hour = rng.range(50, 2_000);
+    let log_bytes_per_agent_hour = rng.range(1_000_000, 20_000_000);
+    let events_per_agent_hour = rng.range(10, 500);
     let at = |hour: i64| MONTH_START_MS + hour * HOUR_MS;
     let end = at(HOURS);
     // Each segment's first hour and plan, and whether the first segment is a trial.
