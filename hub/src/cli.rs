@@ -1,5 +1,5 @@
-//! Command line of `gantry-hub`: `init`, `serve`, `quickstart`, `token create`, `deploy`
-//! and `audit verify`.
+//! Command line of `gantry-hub`: `init`, `serve`, `quickstart`, `token create`, `deploy`,
+//! `audit verify` and `billing export`.
 //!
 //! Parses flags, loads the config once, sets up logging and calls the library. `token
 //! create` talks to a running hub over its HTTP API (the store is locked by the server), with

@@ -96,7 +96,7 @@ pub async fn serve_stream(hub: Arc<Hub>, connection: quinn::Connection, agent_id
             record.ts_unix_ms = record.ts_unix_ms.min(latest);
         }
         // A suspended or canceled org's agents keep their records: refused, not dropped.
-        if let Some(reason) = billing.refusal(&hub, &agent_id) {
+        if let Some(reason) = billing.refusal(&hub, &agent_id, class) {
             let _ = send.send(&StreamDown::Refused { reason, retry_after_ms: REFUSED_RETRY_MS }).await;
             if finishing {
                 return;
@@ -164,7 +164,7 @@ struct Entitlement {
 }
 
 impl Entitlement {
-    fn refusal(&mut self, hub: &Hub, agent_id: &str) -> Option<String> {
+    fn refusal(&mut self, hub: &Hub, agent_id: &str, class: StreamClass) -> Option<String> {
         let epoch = crate::billing::plans::entitlement_epoch();
         if let Some((at, seen, answer)) = &self.checked {
             if at.elapsed() < ENTITLEMENT_RECHECK && *seen == epoch {
@@ -172,7 +172,9 @@ impl Entitlement {
             }
         }
         let answer = match hub.store.agent(agent_id) {
-            Ok(Some(agent)) => crate::billing::plans::require(hub, &agent.org, "sending telemetry", |e| e.ingest).err(),
+            Ok(Some(agent)) => crate::billing::plans::require(hub, &agent.org, "sending telemetry", |e| e.ingest)
+                .err()
+                .or_else(|| crate::billing::plans::quota_refusal(hub, &agent.org, class, crate::wall_ms())),
             _ => None,
         };
         self.checked = Some((std::time::Instant::now(), epoch, answer.clone()));

@@ -160,6 +160,15 @@ impl StripeStub {
         self.state().events.clone()
     }
 
+    /// Make a customer directly in the stub, as an earlier run would have.
+    pub fn create_customer(&self, org: &str) -> String {
+        let mut state = self.state();
+        state.next_id += 1;
+        let id = format!("cus_stub{}", state.next_id);
+        state.customers.insert(id.clone(), json!({ "id": id, "object": "customer", "name": org, "metadata": { "gantry_org": org } }));
+        id
+    }
+
     pub fn customers(&self) -> Vec<Value> {
         self.state().customers.values().cloned().collect()
     }
@@ -288,6 +297,12 @@ fn check(params: &[(String, String)], required: &[&str], optional: &[&str]) -> R
     Ok(map)
 }
 
+fn metadata_of(params: &BTreeMap<String, String>) -> Value {
+    let map: serde_json::Map<String, Value> =
+        params.iter().filter_map(|(k, v)| Some((k.strip_prefix("metadata[")?.strip_suffix(']')?.to_string(), Value::from(v.clone())))).collect();
+    Value::Object(map)
+}
+
 fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Value) {
     state.next_id += 1;
     let n = state.next_id;
@@ -298,9 +313,7 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
                 Err(e) => return e,
             };
             let id = format!("cus_stub{n}");
-            let metadata: serde_json::Map<String, Value> =
-                p.iter().filter_map(|(k, v)| Some((k.strip_prefix("metadata[")?.strip_suffix(']')?.to_string(), Value::from(v.clone())))).collect();
-            let customer = json!({ "id": id, "object": "customer", "name": p.get("name"), "metadata": metadata });
+            let customer = json!({ "id": id, "object": "customer", "name": p.get("name"), "metadata": metadata_of(&p) });
             state.customers.insert(id, customer.clone());
             (200, customer)
         }
@@ -314,7 +327,7 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
             }
             let id = format!("sub_stub{n}");
             let subscription = json!({ "id": id, "object": "subscription", "customer": p["customer"], "status": "active",
-                "items": { "data": [{ "price": { "id": p["items[0][price]"] } }] } });
+                "metadata": metadata_of(&p), "items": { "data": [{ "price": { "id": p["items[0][price]"] } }] } });
             state.subscriptions.insert(id, subscription.clone());
             (200, subscription)
         }
@@ -358,6 +371,24 @@ fn get(state: &State, path: &str, params: &[(String, String)]) -> (u16, Value) {
         let data: Vec<Value> =
             METERS.iter().map(|name| json!({ "id": format!("mtr_{name}"), "object": "billing.meter", "event_name": name, "status": "active" })).collect();
         return (200, json!({ "object": "list", "data": data, "has_more": false }));
+    }
+    if let Some(kind) = path.strip_prefix("/v1/").and_then(|rest| rest.strip_suffix("/search")) {
+        let p = match check(params, &["query"], &["limit", "page"]) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        // Only the one form the hub uses: `metadata['KEY']:'VALUE'`.
+        let Some((key, value)) = p["query"].strip_prefix("metadata['").and_then(|q| q.split_once("']:'")).and_then(|(k, v)| Some((k, v.strip_suffix('\'')?)))
+        else {
+            return error(400, "invalid_request_error", "parameter_invalid", &format!("unsupported search query: {}", p["query"]));
+        };
+        let objects = match kind {
+            "customers" => &state.customers,
+            "subscriptions" => &state.subscriptions,
+            _ => return error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (GET: {path})")),
+        };
+        let data: Vec<Value> = objects.values().filter(|o| o["metadata"][key] == value).cloned().collect();
+        return (200, json!({ "object": "search_result", "data": data, "has_more": false }));
     }
     if let Some(name) = path.strip_prefix("/v1/billing/meters/mtr_").and_then(|rest| rest.strip_suffix("/event_summaries")) {
         let p = match check(params, &["customer", "start_time", "end_time"], &["value_grouping_window", "limit"]) {

@@ -290,3 +290,51 @@ async fn a_trial_ends_at_its_date_or_when_its_usage_runs_out_whichever_is_first(
     assert_eq!(ended["trial_end_ms"].as_i64().unwrap(), trial_end, "the trial ended at its date: {ended}");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_log_quota_holds_logs_back_at_the_agent_until_the_plan_allows_more() {
+    use gantry_hub::billing::Meter;
+    let dir = TempDir::new("billing-quota");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 5).await;
+    let api = hub.api();
+    let mut small = team_plan();
+    small.as_object_mut().unwrap().remove("trial");
+    small["id"] = json!("small");
+    small["limits"] = json!({ "log_bytes_per_month": 1000, "enforcement": "hard" });
+    let mut large = small.clone();
+    large["id"] = json!("large");
+    large["limits"] = json!({ "enforcement": "soft" });
+    assert_eq!(api.post("/api/v1/plans", &small).await.0, 201);
+    assert_eq!(api.post("/api/v1/plans", &large).await.0, 201);
+    assert_eq!(send_json(&api, "PUT", "/api/v1/orgs/acme/subscription", &json!({ "plan": "small" })).await.0, 200);
+    // The month's allowance is already used.
+    let hour = gantry_hub::billing::hour_of(gantry_hub::wall_ms());
+    hub.hub.store.record(&usage("acme", Meter::LogBytes, hour, "earlier", 1000)).unwrap();
+
+    let token = hub.token("acme", 1, "10m").await;
+    let state = dir.path().join("agent");
+    let id = enroll(&token, &state).await.unwrap();
+    let log = dir.path().join("app.log");
+    std::fs::write(&log, "").unwrap();
+    let config = agent_config_file(dir.path(), &state, &[&log], "[host]\nenabled = false\n[docker]\nenabled = false");
+    let _agent = AgentProcess::start_with_config(&config, &state);
+    hub.wait_status(&id, "online", Duration::from_secs(20)).await;
+    let writer = LineWriter::start(&log, Duration::from_millis(5));
+    let logs = format!("/api/v1/agents/{id}/logs");
+    wait_for(Duration::from_secs(30), "the writer to add 300 lines", || async {
+        (std::fs::read_to_string(&log).unwrap().lines().count() >= 300).then_some(())
+    })
+    .await;
+    assert_eq!(api.all_records(&logs, "").await.len(), 0, "over a hard quota, no log line is stored");
+    // A bigger plan lets the held-back lines in, each once.
+    assert_eq!(send_json(&api, "PUT", "/api/v1/orgs/acme/subscription", &json!({ "plan": "large" })).await.0, 200);
+    let written = writer.stop();
+    let records = wait_for(Duration::from_secs(60), "every held-back line", || async {
+        let records = api.all_records(&logs, "").await;
+        (records.len() as u64 >= written).then_some(records)
+    })
+    .await;
+    assert_lines_exactly_once(&records, written);
+    hub.stop().await;
+}

@@ -246,6 +246,16 @@ async fn ledger_meters_agents_once_through_restarts_duplicates_and_exports() {
     }
     let ids: std::collections::BTreeSet<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), events.len(), "CloudEvents ids are unique");
+    // The CLI reads the same export through the API.
+    let output = tokio::process::Command::new(hub_binary())
+        .args(["billing", "export", "--from", "1970-01-01T00:00:00Z", "--to", &(hour_of(now_ms()) + 2 * HOUR_MS).to_string(), "--org", "acme"])
+        .args(["--url", &format!("http://{}", hub.http)])
+        .env("GANTRY_API_KEY", &hub.operator_key)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), csv);
 
     // A missing org and an unknown format are refused.
     let (status, _) = api.get("/api/v1/billing/usage?from=0&to=1&org=nope").await;

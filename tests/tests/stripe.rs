@@ -77,6 +77,9 @@ async fn customers_subscriptions_and_usage_sync_to_stripe() {
     let hub = start_hub(data.path(), secrets.path(), Some(&stub)).await;
     subscribed_org(&hub, "acme", Some("price_pro")).await;
     subscribed_org(&hub, "beta", None).await;
+    // A customer an earlier run made and never recorded: adopted, not made twice.
+    let gamma_earlier = stub.create_customer("gamma");
+    subscribed_org(&hub, "gamma", None).await;
     let hour = this_hour() - 3 * 3_600_000;
     for entry in [
         usage("acme", Meter::LogBytes, hour, "agent-1", 1000),
@@ -93,7 +96,8 @@ async fn customers_subscriptions_and_usage_sync_to_stripe() {
     outbox_settled(&hub, 4).await;
 
     let customers = stub.customers();
-    assert_eq!(customers.len(), 2, "{customers:?}");
+    assert_eq!(customer_of(&hub, "gamma").await, gamma_earlier);
+    assert_eq!(customers.len(), 3, "{customers:?}");
     assert!(customers.iter().any(|c| c["id"] == acme.as_str() && c["metadata"]["gantry_org"] == "acme"));
     let subscriptions = stub.subscriptions();
     assert_eq!(subscriptions.len(), 1, "only the plan with a Stripe price gets a subscription: {subscriptions:?}");

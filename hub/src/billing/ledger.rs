@@ -131,7 +131,12 @@ impl Metering {
                 }
             }
         }
-        record(hub, &new, report);
+        // An agent hour that failed is retried by the next run (it is not remembered).
+        for (ok, entry) in record(hub, &new, report).into_iter().zip(&new) {
+            if !ok {
+                self.agent_hours.remove(&(entry.source.clone(), entry.hour_ms));
+            }
+        }
         for (org, count) in connected {
             let known = self.peaks.get(&(org.clone(), hour)).copied().unwrap_or(0);
             if count > known {
@@ -143,29 +148,31 @@ impl Metering {
     }
 }
 
-/// Append entries, counting what happened; a failure is logged and left to the next run.
-fn record(hub: &Hub, entries: &[LedgerEntry], report: &mut RunReport) -> bool {
-    let mut all_ok = true;
+/// Append entries in one transaction, counting what happened; whether each one is in the
+/// ledger now. A failure is logged and left to the next run.
+fn record(hub: &Hub, entries: &[LedgerEntry], report: &mut RunReport) -> Vec<bool> {
+    let mut recorded = Vec::with_capacity(entries.len());
     for (outcome, entry) in hub.store.record_many(entries).into_iter().zip(entries) {
-        match outcome {
+        recorded.push(match outcome {
             Ok(crate::store::LedgerRecorded::Appended { .. }) => {
                 report.appended += 1;
                 if matches!(&entry.kind, EntryKind::Correction { reason, .. } if reason == LATE_USAGE) {
                     report.late += 1;
                 }
+                true
             }
-            Ok(crate::store::LedgerRecorded::Duplicate { .. }) => {}
+            Ok(crate::store::LedgerRecorded::Duplicate { .. }) => true,
             Err(Error::Conflict(_)) => {
                 report.conflicts += 1;
-                all_ok = false;
+                false
             }
             Err(error) => {
                 tracing::warn!(%error, key = %entry.key_text(), "could not record usage; the next run retries");
-                all_ok = false;
+                false
             }
-        }
+        });
     }
-    all_ok
+    recorded
 }
 
 /// One entry per deployment revision not metered yet.
@@ -184,7 +191,7 @@ fn meter_deployments(hub: &Hub, now_ms: i64, report: &mut RunReport) -> Result<(
                     new.push(entry(&org.id, Meter::Deployments, hour_of(revision.created_at_ms), source, 1, EntryKind::Usage, now_ms));
                 }
             }
-            if record(hub, &new, report) {
+            if record(hub, &new, report).into_iter().all(|ok| ok) {
                 hub.store.set_ledger_work(&cursor, deployment.revision as i64)?;
             }
         }
@@ -226,6 +233,9 @@ fn close(hub: &Hub, now_ms: i64, before_ms: i64, report: &mut RunReport) -> Resu
         if pending.is_empty() {
             break;
         }
+        // One transaction and one flush for the round's entries, then each hour settles.
+        let mut entries = Vec::new();
+        let mut settles = Vec::new();
         for usage in pending {
             if !orgs.contains_key(&usage.agent) {
                 let org = hub.store.agent(&usage.agent)?.map(|a| a.org);
@@ -238,8 +248,13 @@ fn close(hub: &Hub, now_ms: i64, before_ms: i64, report: &mut RunReport) -> Resu
                 continue;
             };
             let new = settling_entry(hub, org, meter_of(usage.class), usage.hour_ms, &usage.agent, quantity_of(&usage), now_ms)?;
-            if record(hub, new.as_slice(), report) {
-                // If more arrived meanwhile it stays unsettled and the next round takes it.
+            settles.push((usage, new.is_some().then_some(entries.len())));
+            entries.extend(new);
+        }
+        let ok = record(hub, &entries, report);
+        for (usage, at) in settles {
+            // If more arrived meanwhile it stays unsettled and the next round takes it.
+            if at.is_none_or(|at| ok[at]) {
                 hub.store.settle_telemetry_usage(&usage)?;
             }
             seen.insert(usage);
@@ -254,7 +269,7 @@ fn close(hub: &Hub, now_ms: i64, before_ms: i64, report: &mut RunReport) -> Resu
             continue;
         }
         let new = settling_entry(hub, org, Meter::PeakAgents, hour, HUB_SOURCE, max, now_ms)?;
-        if record(hub, new.as_slice(), report) {
+        if record(hub, new.as_slice(), report).into_iter().all(|ok| ok) {
             hub.store.remove_ledger_work(&key)?;
         }
     }

@@ -470,6 +470,29 @@ pub async fn run(hub: std::sync::Arc<Hub>, mut stop: tokio::sync::watch::Receive
     }
 }
 
+/// Under a plan with `hard` enforcement, why the org may not ingest more of `class` now:
+/// log bytes this period or events today at the plan's limit. Usage is the ledger's, which
+/// closes each hour shortly after it ends, so enforcement trails usage by about an hour.
+pub fn quota_refusal(hub: &Hub, org: &str, class: gantry_shared::message::StreamClass, now_ms: i64) -> Option<String> {
+    use gantry_shared::message::StreamClass;
+    let s = hub.store.subscription(org).ok()??;
+    let plan = hub.store.plan_version(&s.plan_id, s.plan_version).ok()??;
+    if plan.limits.enforcement != Enforcement::Hard {
+        return None;
+    }
+    let (meter, limit, from, what) = match class {
+        StreamClass::Logs => {
+            (Meter::LogBytes, plan.limits.log_bytes_per_month?, period_containing(s.period_anchor_ms, now_ms).0, "log bytes this billing period")
+        }
+        StreamClass::Events => (Meter::Events, plan.limits.events_per_day?, now_ms.div_euclid(24 * HOUR_MS) * 24 * HOUR_MS, "events today (UTC)"),
+        _ => return None,
+    };
+    let used = hub.store.ledger_usage(org, super::hour_of(from), now_ms.saturating_add(1)).ok()?.get(&meter).copied().unwrap_or(0);
+    (used >= limit as i64).then(|| {
+        format!("org {org} reached its plan's limit of {limit} {what} ({used} used); the agent keeps the rest until the limit resets or the plan changes")
+    })
+}
+
 /// Store errors for the API.
 impl From<PlanError> for store::Error {
     fn from(e: PlanError) -> Self {

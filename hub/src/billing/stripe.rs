@@ -439,7 +439,9 @@ pub fn sync_key(org: &str, action: &str, version: &str) -> String {
 
 /// Create the Stripe customer of every subscribed org that has none (metadata
 /// `gantry_org`), and a Stripe subscription when its plan names a Stripe price. Ids are
-/// stored on the subscription. One org's failure is logged and the others go on; a 429
+/// stored on the subscription. Before creating, Stripe is searched for an object already
+/// tagged with the org (made by an earlier run that died before storing its id, perhaps
+/// more than 24 h ago when the idempotency key no longer protects), which is adopted. One org's failure is logged and the others go on; a 429
 /// stops the pass and is returned.
 pub async fn sync(hub: &Hub, client: &Client) -> Result<(), CallError> {
     let subscriptions = match plans::subscriptions(hub) {
@@ -465,7 +467,10 @@ async fn sync_org(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result
         Some(id) => id.clone(),
         None => {
             let params = [("name", s.org.clone()), ("metadata[gantry_org]", s.org.clone())];
-            let id = id_of(&client.post("/v1/customers", &params, &sync_key(&s.org, "customer", "v1")).await?)?;
+            let id = match find_tagged(client, "customers", &s.org).await? {
+                Some(id) => id,
+                None => id_of(&client.post("/v1/customers", &params, &sync_key(&s.org, "customer", "v1")).await?)?,
+            };
             plans::set_stripe_ids(hub, &s.org, Some(id.clone()), None).map_err(store_error)?;
             tracing::info!(org = %s.org, customer = %id, "stripe customer created");
             id
@@ -478,10 +483,21 @@ async fn sync_org(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result
     let Some(price) = plan.and_then(|p| p.stripe_price_id) else { return Ok(()) };
     let params = [("customer", customer), ("items[0][price]", price), ("metadata[gantry_org]", s.org.clone())];
     let version = format!("{}-v{}", s.plan_id, s.plan_version);
-    let id = id_of(&client.post("/v1/subscriptions", &params, &sync_key(&s.org, "subscription", &version)).await?)?;
+    let id = match find_tagged(client, "subscriptions", &s.org).await? {
+        Some(id) => id,
+        None => id_of(&client.post("/v1/subscriptions", &params, &sync_key(&s.org, "subscription", &version)).await?)?,
+    };
     plans::set_stripe_ids(hub, &s.org, None, Some(id.clone())).map_err(store_error)?;
     tracing::info!(org = %s.org, subscription = %id, "stripe subscription created");
     Ok(())
+}
+
+/// The id of a Stripe object of `kind` (`customers`, `subscriptions`) whose metadata
+/// names `org`, through Stripe's search API. Org ids are slugs, so they need no quoting.
+async fn find_tagged(client: &Client, kind: &str, org: &str) -> Result<Option<String>, CallError> {
+    let query = [("query", format!("metadata['gantry_org']:'{org}'")), ("limit", "1".to_string())];
+    let found = client.get(&format!("/v1/{kind}/search"), &query).await?;
+    Ok(found.pointer("/data/0/id").and_then(Value::as_str).map(str::to_string))
 }
 
 // ---- the meter-event outbox ----
@@ -559,7 +575,7 @@ pub fn plan_for(row: &OutboxRow, now_ms: i64) -> Plan {
 pub async fn deliver(hub: &Hub, client: &Client, now_ms: i64, hook: Option<&AfterSendHook>) -> Result<Option<Duration>, store::Error> {
     let customers: BTreeMap<String, String> = plans::subscriptions(hub)?.into_iter().filter_map(|s| Some((s.org, s.stripe_customer_id?))).collect();
     let mut meters: Option<BTreeMap<String, String>> = None;
-    for mut row in hub.store.stripe_outbox(&[OutboxState::Pending, OutboxState::Sent])? {
+    for mut row in hub.store.stripe_open_rows()? {
         let plan = plan_for(&row, now_ms);
         if let Plan::Fallback(reason) = plan {
             row.state = OutboxState::Fallback;

@@ -2,8 +2,9 @@
 //! Stripe webhook events already processed with the ordering marks that make late events
 //! converge.
 //!
-//! Keys: outbox rows by their meter-event identifier; the cursor under `cursor` in the meta
-//! tree; events by Stripe event id; ordering marks by org. The cursor only moves in the same
+//! Keys: outbox rows by their meter-event identifier, and the identifiers of the open ones
+//! (`pending` or `sent`) in their own tree, so a pass reads only those; the cursor under
+//! `cursor` in the meta tree; events by Stripe event id; ordering marks by org. The cursor only moves in the same
 //! transaction that writes the rows of the entries it passes, so an entry is never skipped
 //! and never queued twice. This module decides nothing about Stripe: callers pass the rows
 //! and the rules (`billing/stripe.rs`).
@@ -18,6 +19,8 @@ use sled::Transactional;
 #[derive(Debug, Clone)]
 pub(super) struct Trees {
     outbox: sled::Tree,
+    /// Identifiers of rows still `pending` or `sent`.
+    open: sled::Tree,
     meta: sled::Tree,
     events: sled::Tree,
     marks: sled::Tree,
@@ -27,6 +30,7 @@ impl Trees {
     pub fn open(db: &sled::Db) -> Result<Trees, Error> {
         Ok(Trees {
             outbox: db.open_tree("stripe_outbox")?,
+            open: db.open_tree("stripe_outbox_open")?,
             meta: db.open_tree("stripe_meta")?,
             events: db.open_tree("stripe_events")?,
             marks: db.open_tree("stripe_marks")?,
@@ -55,6 +59,11 @@ pub enum OutboxState {
 }
 
 impl OutboxState {
+    /// Whether the exporter still has work with a row in this state.
+    pub fn is_open(self) -> bool {
+        matches!(self, OutboxState::Pending | OutboxState::Sent)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             OutboxState::Pending => "pending",
@@ -145,8 +154,8 @@ impl Store {
     /// still `expected` (another exporter moved it otherwise: [`Error::Conflict`]). A row
     /// whose identifier is already queued is left as it is.
     pub fn stripe_enqueue(&self, expected: u64, cursor: u64, rows: &[OutboxRow]) -> Result<(), Error> {
-        (&self.stripe.outbox, &self.stripe.meta)
-            .transaction(|(outbox, meta)| {
+        (&self.stripe.outbox, &self.stripe.open, &self.stripe.meta)
+            .transaction(|(outbox, open, meta)| {
                 let current = match meta.get(CURSOR_KEY)? {
                     Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().map_err(|_| abort(Error::Corrupt("stripe cursor".into())))?),
                     None => 0,
@@ -157,6 +166,9 @@ impl Store {
                 for row in rows {
                     if outbox.get(row.identifier.as_bytes())?.is_none() {
                         outbox.insert(row.identifier.as_bytes(), encode(row))?;
+                        if row.state.is_open() {
+                            open.insert(row.identifier.as_bytes(), &[])?;
+                        }
                     }
                 }
                 meta.insert(CURSOR_KEY, &cursor.to_be_bytes())?;
@@ -179,13 +191,35 @@ impl Store {
         Ok(rows)
     }
 
+    /// The rows still `pending` or `sent`, in identifier order.
+    pub fn stripe_open_rows(&self) -> Result<Vec<OutboxRow>, Error> {
+        let mut rows = Vec::new();
+        for item in self.stripe.open.iter() {
+            let (key, _) = item?;
+            if let Some(value) = self.stripe.outbox.get(&key)? {
+                rows.push(decode("stripe outbox row", &value)?);
+            }
+        }
+        Ok(rows)
+    }
+
     pub fn stripe_outbox_row(&self, identifier: &str) -> Result<Option<OutboxRow>, Error> {
         self.stripe.outbox.get(identifier.as_bytes())?.map(|v| decode("stripe outbox row", &v)).transpose()
     }
 
     /// Write a row's new state durably (before a request leaves, and after it answered).
     pub fn stripe_put_row(&self, row: &OutboxRow) -> Result<(), Error> {
-        self.stripe.outbox.insert(row.identifier.as_bytes(), encode(row))?;
+        (&self.stripe.outbox, &self.stripe.open)
+            .transaction(|(outbox, open)| {
+                outbox.insert(row.identifier.as_bytes(), encode(row))?;
+                if row.state.is_open() {
+                    open.insert(row.identifier.as_bytes(), &[])?;
+                } else {
+                    open.remove(row.identifier.as_bytes())?;
+                }
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(unwrap_tx)?;
         self.durable()
     }
 

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! gantry-bench-billing invoices [--orgs N (10000)] [--runs R (5)]
+//! gantry-bench-billing ledger [--orgs N (10000)] [--hours H (720)] [--batch B (1000)] [--runs R (3)]
 //! ```
 //!
 //! - `invoices`: invoice computation (`billing::pricing::compute_invoice`) for N orgs over
@@ -13,6 +14,12 @@
 //!   segments. Building the usage is setup, timed once and reported apart; the batch of N
 //!   invoices is then computed R times and the median batch time is the figure. Every run
 //!   must produce the same sum of totals (checked).
+//!
+//! - `ledger`: usage ledger write throughput (`Store::record_many`) on a real sled store in
+//!   a fresh temporary directory per run: N orgs × H hourly `log_bytes` entries (one source
+//!   per org), appended in transactions of B entries as the metering's hour close does,
+//!   each durable before the next. Entries per second of the whole append, median of R
+//!   runs; every run must end with N × H entries and the same usage sum (checked).
 //!
 //! Prints a human summary and, as its last line, one JSON object with the figures. Build in
 //! release: `cargo build --release -p gantry-tests --bin gantry-bench-billing`.
@@ -28,7 +35,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 const USAGE: &str = "usage:
-  gantry-bench-billing invoices [--orgs N (10000)] [--runs R (5)]";
+  gantry-bench-billing invoices [--orgs N (10000)] [--runs R (5)]
+  gantry-bench-billing ledger [--orgs N (10000)] [--hours H (720)] [--batch B (1000)] [--runs R (3)]";
 
 /// 2026-11-01T00:00:00Z: the benchmark's month starts here.
 const MONTH_START_MS: i64 = 1_793_491_200_000;
@@ -52,6 +60,9 @@ fn main() -> ExitCode {
     };
     let result = match command.as_str() {
         "invoices" => flags.only(&["orgs", "runs"]).and_then(|()| invoices(flags.num("orgs", 10_000)?, flags.num("runs", 5)?)),
+        "ledger" => flags
+            .only(&["orgs", "hours", "batch", "runs"])
+            .and_then(|()| ledger(flags.num("orgs", 10_000)?, flags.num("hours", 720)?, flags.num("batch", 1_000)?, flags.num("runs", 3)?)),
         other => {
             eprintln!("error: unknown subcommand {other:?}\n{USAGE}");
             return ExitCode::from(2);
@@ -293,6 +304,87 @@ fn invoices(orgs: u64, runs: u64) -> Result<()> {
             "per_invoice_us": r3(per_invoice_us),
             "setup_ms": r2(setup_ms),
             "totals_sum_minor": total.to_string(),
+            "cores": cores(),
+        })
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// ledger
+
+/// One run: append `orgs` × `hours` entries to a fresh store in batches; `(seconds, sum)`.
+fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<(f64, i64)> {
+    use gantry_hub::store::{EntryKind, LedgerEntry, Store};
+    let dir = std::env::temp_dir().join(format!("gantry-bench-ledger-{}-{}", std::process::id(), rand::random::<u64>()));
+    std::fs::create_dir_all(&dir)?;
+    let store = Store::create(&dir).context("creating the store")?;
+    let mut rng = Rng(0x1ED6E5);
+    let mut pending = Vec::with_capacity(batch as usize);
+    let started = Instant::now();
+    // Hour by hour, every org, as hour closes write them.
+    for hour in 0..hours as i64 {
+        for org in 0..orgs {
+            pending.push(LedgerEntry {
+                seq: 0,
+                org: format!("org-{org:05}"),
+                meter: Meter::LogBytes,
+                hour_ms: MONTH_START_MS + hour * HOUR_MS,
+                source: format!("agt-{org:05}"),
+                quantity: rng.range(1_000, 20_000_000) as i64,
+                kind: EntryKind::Usage,
+                recorded_at_ms: MONTH_START_MS + (hour + 1) * HOUR_MS,
+            });
+            if pending.len() as u64 >= batch {
+                for outcome in store.record_many(&pending) {
+                    outcome.context("appending")?;
+                }
+                pending.clear();
+            }
+        }
+    }
+    for outcome in store.record_many(&pending) {
+        outcome.context("appending")?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    ensure!(store.ledger_head()? == orgs * hours, "ledger holds {} entries, expected {}", store.ledger_head()?, orgs * hours);
+    let mut sum = 0i64;
+    for org in (0..orgs).step_by((orgs as usize / 10).max(1)) {
+        sum += store.ledger_usage(&format!("org-{org:05}"), i64::MIN, i64::MAX)?.values().sum::<i64>();
+    }
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((secs, sum))
+}
+
+fn ledger(orgs: u64, hours: u64, batch: u64, runs: u64) -> Result<()> {
+    let entries = orgs * hours;
+    let mut rates = Vec::new();
+    let mut checksum = None;
+    for run in 1..=runs {
+        let (secs, sum) = ledger_run(orgs, hours, batch)?;
+        let rate = entries as f64 / secs;
+        println!("run {run}: {entries} entries in {secs:.1} s = {rate:.0} entries/s (sampled usage sum {sum})");
+        match checksum {
+            None => checksum = Some(sum),
+            Some(first) => ensure!(first == sum, "run {run} sums to {sum}, run 1 to {first}"),
+        }
+        rates.push(rate);
+    }
+    let median_rate = median(&rates);
+    println!("ledger: {orgs} orgs x {hours} hours = {entries} entries in transactions of {batch}; median of {runs} runs {median_rate:.0} entries/s on {} cores", cores());
+    println!(
+        "{}",
+        json!({
+            "bench": "ledger",
+            "date": today(),
+            "orgs": orgs,
+            "hours": hours,
+            "entries": entries,
+            "batch": batch,
+            "runs": runs,
+            "entries_per_sec": rates.iter().map(|r| r.round()).collect::<Vec<_>>(),
+            "median_entries_per_sec": median_rate.round(),
             "cores": cores(),
         })
     );
