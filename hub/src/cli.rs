@@ -312,7 +312,13 @@ fn query_value(text: &str) -> String {
 }
 
 /// Call the hub's API with an optional JSON body; the status and the raw reply.
-async fn http_request(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>) -> anyhow::Result<(hyper::StatusCode, bytes::Bytes)> {
+async fn http_request(
+    method: &str,
+    base: &str,
+    path: &str,
+    bearer: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(hyper::StatusCode, bytes::Bytes)> {
     use http_body_util::{BodyExt, Full};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
     let uri = format!("{}{path}", base.trim_end_matches('/'));

@@ -104,7 +104,8 @@ async fn ledger_meters_agents_once_through_restarts_duplicates_and_exports() {
         .await;
     }
     // Deployments: revision 1 at creation, revision 2 by a change.
-    let spec = |image: &str| json!({ "spec": { "name": "web", "services": [{ "name": "app", "image": image }] }, "targets": { "selector": { "role": "none" } } });
+    let spec =
+        |image: &str| json!({ "spec": { "name": "web", "services": [{ "name": "app", "image": image }] }, "targets": { "selector": { "role": "none" } } });
     let (status, created) = api.post("/api/v1/orgs/acme/deployments", &spec("busybox:1")).await;
     assert_eq!(status, 201, "{created}");
     let deployment = created["id"].as_str().unwrap().to_string();
@@ -200,6 +201,8 @@ async fn ledger_meters_agents_once_through_restarts_duplicates_and_exports() {
     let refused = store.record(&LedgerEntry { quantity: victim.quantity + 1, ..victim.clone() }).unwrap_err();
     assert!(refused.to_string().contains(&victim.key_text()), "{refused}");
     assert_eq!(store.ledger_conflicts(), conflicts + 1);
+    let (_, _, metrics) = hub.api().send("GET", "/metrics", None, Vec::new()).await;
+    assert!(metrics.contains(&format!("gantry_ledger_conflicts_total {}", conflicts + 1)), "{metrics}");
     assert_eq!(store.ledger_usage("acme", 0, i64::MAX).unwrap(), usage);
 
     // An operator's correction, idempotent by its id.

@@ -37,10 +37,11 @@ const EXPORT_PAGE: usize = 10_000;
 #[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
-    /// RFC 3339 or Unix ms, inclusive: entries whose hour starts at or after it.
-    pub from: String,
-    /// RFC 3339 or Unix ms, exclusive.
-    pub to: String,
+    /// RFC 3339 or Unix ms, inclusive: entries whose hour starts at or after it. Default:
+    /// the start of the current UTC month.
+    pub from: Option<String>,
+    /// RFC 3339 or Unix ms, exclusive. Default: the end of the current hour.
+    pub to: Option<String>,
     /// One org; required unless the caller is a platform operator.
     pub org: Option<String>,
     /// `json` (default), `csv` or `cloudevents` (JSON lines).
@@ -118,7 +119,9 @@ pub fn entry_id(entry: &LedgerEntry) -> String {
 pub fn row(entry: &LedgerEntry) -> UsageRow {
     let (kind, reason, actor, corrects) = match &entry.kind {
         EntryKind::Usage => ("usage", None, None, None),
-        EntryKind::Correction { reason, actor, corrects_period_start_ms } => ("correction", Some(reason.clone()), Some(actor.clone()), *corrects_period_start_ms),
+        EntryKind::Correction { reason, actor, corrects_period_start_ms } => {
+            ("correction", Some(reason.clone()), Some(actor.clone()), *corrects_period_start_ms)
+        }
     };
     UsageRow {
         id: entry_id(entry),
@@ -210,8 +213,15 @@ pub async fn export(State(hub): State<Arc<Hub>>, principal: Principal, ApiQuery(
         }
         None => require_operator(&principal, Perm::Billing)?,
     }
-    let from_ms = parse_time(&query.from).map_err(ApiError::bad_request)?;
-    let to_ms = parse_time(&query.to).map_err(ApiError::bad_request)?;
+    let now = crate::wall_ms();
+    let from_ms = match &query.from {
+        Some(text) => parse_time(text).map_err(ApiError::bad_request)?,
+        None => month_start(now),
+    };
+    let to_ms = match &query.to {
+        Some(text) => parse_time(text).map_err(ApiError::bad_request)?,
+        None => hour_of(now) + crate::billing::HOUR_MS,
+    };
     if from_ms >= to_ms {
         return Err(ApiError::bad_request("from must be before to"));
     }
@@ -261,6 +271,13 @@ pub async fn export(State(hub): State<Arc<Hub>>, principal: Principal, ApiQuery(
             Ok(Json(UsageExport { from_ms, to_ms, org: query.org, entries: rows, totals }).into_response())
         }
     }
+}
+
+/// The start of the UTC month holding `ms`.
+fn month_start(ms: i64) -> i64 {
+    let day_ms = 86_400_000;
+    let Ok(at) = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) else { return hour_of(ms) };
+    ms.div_euclid(day_ms) * day_ms - i64::from(at.day() - 1) * day_ms
 }
 
 fn valid_id(id: &str) -> bool {
@@ -341,6 +358,13 @@ mod tests {
         assert_eq!(lines[0], CSV_HEADER);
         assert!(csv.contains("\"said \"\"oops\"\", then\nfixed\""), "{csv}");
         assert!(lines.last().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ledger_export_defaults_to_the_current_month() {
+        // 2026-11-30T20:15:00Z
+        assert_eq!(rfc3339(month_start(1_796_069_700_000)), "2026-11-01T00:00:00Z");
+        assert_eq!(month_start(1_793_491_200_000), 1_793_491_200_000);
     }
 
     #[test]

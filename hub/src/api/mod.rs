@@ -464,24 +464,47 @@ pub fn routes() -> Routes {
         .get("/api/v1/plans", billing::list_plans, Op::new("List plans (newest versions)").tag("billing"))
         .post("/api/v1/plans", billing::create_plan, Op::new("Create a plan (operators)").tag("billing").body::<billing::NewPlan>().status(201).error(409))
         .get("/api/v1/plans/{id}", billing::get_plan, Op::new("A plan: newest version and every version").tag("billing"))
-        .put("/api/v1/plans/{id}", billing::change_plan, Op::new("Change a plan: writes its next version (operators)").tag("billing").body::<crate::billing::plans::PlanRequest>())
+        .put(
+            "/api/v1/plans/{id}",
+            billing::change_plan,
+            Op::new("Change a plan: writes its next version (operators)").tag("billing").body::<crate::billing::plans::PlanRequest>(),
+        )
         .get("/api/v1/orgs/{org}/subscription", billing::get_subscription, Op::new("An org's subscription, period and entitlements").tag("billing"))
-        .put("/api/v1/orgs/{org}/subscription", billing::put_subscription, Op::new("Subscribe an org or change its plan from now (operators)").tag("billing").body::<billing::SubscribeRequest>())
-        .post("/api/v1/orgs/{org}/subscription/status", billing::set_status, Op::new("Suspend, restore or cancel a subscription (operators)").tag("billing").body::<billing::StatusRequest>())
+        .put(
+            "/api/v1/orgs/{org}/subscription",
+            billing::put_subscription,
+            Op::new("Subscribe an org or change its plan from now (operators)").tag("billing").body::<billing::SubscribeRequest>(),
+        )
+        .post(
+            "/api/v1/orgs/{org}/subscription/status",
+            billing::set_status,
+            Op::new("Suspend, restore or cancel a subscription (operators)").tag("billing").body::<billing::StatusRequest>(),
+        )
         .get("/api/v1/orgs/{org}/invoices/preview", billing::preview, Op::new("The current period's invoice so far").tag("billing"))
         .get("/api/v1/orgs/{org}/invoices", billing::list_invoices, Op::new("Closed invoices, newest first").tag("billing"))
         .post("/api/v1/billing/close", billing::close_now, Op::new("Close every ended billing period now (operators)").tag("billing"))
         .get(
             "/api/v1/billing/usage",
             billing_usage::export,
-            Op::new("Export usage ledger entries as JSON, CSV or CloudEvents").tag("billing").query::<billing_usage::UsageQuery>().response::<billing_usage::UsageExport>(),
+            Op::new("Export usage ledger entries as JSON, CSV or CloudEvents")
+                .tag("billing")
+                .query::<billing_usage::UsageQuery>()
+                .response::<billing_usage::UsageExport>(),
         )
         .post(
             "/api/v1/billing/corrections",
             billing_usage::correct,
-            Op::new("Add a usage correction (operators)").tag("billing").body::<billing_usage::CorrectionRequest>().response::<billing_usage::CorrectionResponse>().status(201),
+            Op::new("Add a usage correction (operators)")
+                .tag("billing")
+                .body::<billing_usage::CorrectionRequest>()
+                .response::<billing_usage::CorrectionResponse>()
+                .status(201),
         )
-        .post("/api/v1/webhooks/stripe", stripe_webhook::receive, Op::new("Stripe event deliveries (signed with Stripe-Signature)").tag("billing").public().error(503))
+        .post(
+            "/api/v1/webhooks/stripe",
+            stripe_webhook::receive,
+            Op::new("Stripe event deliveries (signed with Stripe-Signature)").tag("billing").public().error(503),
+        )
         .get("/api/v1/users", accounts::list_users, Op::new("List accounts (operators)").tag("users"))
         .post(
             "/api/v1/users",
@@ -525,6 +548,7 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     let enrolled = hub.store.orgs().map(|orgs| orgs.iter().map(|o| o.agent_count as usize).sum()).unwrap_or(0);
     let mut body = hub.metrics.render(hub.registry.len(), enrolled);
     body.push_str(&crate::alerts::render_metrics(&hub));
+    body.push_str(&crate::billing::ledger::render_metrics(&hub));
     let (segments, bytes) = hub.store.telemetry_disk_usage();
     body.push_str(&format!(
         "# HELP gantry_telemetry_segments Telemetry segment files on disk.\n# TYPE gantry_telemetry_segments gauge\ngantry_telemetry_segments {segments}\n# HELP gantry_telemetry_segment_bytes Bytes of telemetry segment files on disk.\n# TYPE gantry_telemetry_segment_bytes gauge\ngantry_telemetry_segment_bytes {bytes}\n"

@@ -276,6 +276,16 @@ fn close(hub: &Hub, now_ms: i64, before_ms: i64, report: &mut RunReport) -> Resu
     Ok(())
 }
 
+/// The ledger's lines of `/metrics`: conflicting re-records refused since the hub started
+/// (an alert should fire on any) and the last sequence number given out.
+pub fn render_metrics(hub: &Hub) -> String {
+    let conflicts = hub.store.ledger_conflicts();
+    let head = hub.store.ledger_head().unwrap_or(0);
+    format!(
+        "# HELP gantry_ledger_conflicts_total Usage ledger writes refused because the key holds another quantity.\n# TYPE gantry_ledger_conflicts_total counter\ngantry_ledger_conflicts_total {conflicts}\n# HELP gantry_ledger_entries Usage ledger entries appended (the last sequence number).\n# TYPE gantry_ledger_entries gauge\ngantry_ledger_entries {head}\n"
+    )
+}
+
 /// The metering task: a run every `usage_close_interval_ms` until `stop`, closing hours
 /// `usage_close_grace_ms` after they end.
 pub async fn run(hub: Arc<Hub>, mut stop: tokio::sync::watch::Receiver<bool>) {

@@ -379,7 +379,7 @@ impl Store {
     /// returns the value now stored.
     pub fn ledger_work_max(&self, key: &str, value: i64) -> Result<i64, Error> {
         let stored = self.ledger.work.update_and_fetch(key.as_bytes(), |old| {
-            let old = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(|b| i64::from_be_bytes(b));
+            let old = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(i64::from_be_bytes);
             Some(old.map_or(value, |o| o.max(value)).to_be_bytes().to_vec())
         })?;
         Ok(stored.and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok()).map_or(value, i64::from_be_bytes))

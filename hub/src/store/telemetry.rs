@@ -475,7 +475,17 @@ impl Store {
             chunks.push(NewChunk { key, payload, count, newest });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = WriteJob { tree: class.index(), hwm_key: hwm_key(agent), expected_mark: mark, new_mark: outcome.high_water, chunks, new_names, agent: agent.to_string(), usage, reply };
+        let job = WriteJob {
+            tree: class.index(),
+            hwm_key: hwm_key(agent),
+            expected_mark: mark,
+            new_mark: outcome.high_water,
+            chunks,
+            new_names,
+            agent: agent.to_string(),
+            usage,
+            reply,
+        };
         Ok((outcome, Some((job, answer))))
     }
 

@@ -372,7 +372,10 @@ fn ledger(orgs: u64, hours: u64, batch: u64, runs: u64) -> Result<()> {
         rates.push(rate);
     }
     let median_rate = median(&rates);
-    println!("ledger: {orgs} orgs x {hours} hours = {entries} entries in transactions of {batch}; median of {runs} runs {median_rate:.0} entries/s on {} cores", cores());
+    println!(
+        "ledger: {orgs} orgs x {hours} hours = {entries} entries in transactions of {batch}; median of {runs} runs {median_rate:.0} entries/s on {} cores",
+        cores()
+    );
     println!(
         "{}",
         json!({
