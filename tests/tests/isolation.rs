@@ -121,6 +121,10 @@ fn routes() -> Vec<Route> {
         route("GET", "/api/v1/orgs/{org}/api-keys", Admin),
         with("POST", "/api/v1/orgs/{org}/api-keys", Admin, json!({ "name": "x", "scopes": ["read"] })),
         with("DELETE", "/api/v1/orgs/{org}/api-keys/{key}", Admin, json!({})),
+        route("GET", "/api/v1/orgs/{org}/subscription", Billing),
+        route("GET", "/api/v1/orgs/{org}/invoices/preview", Billing),
+        route("GET", "/api/v1/orgs/{org}/invoices", Billing),
+        route("GET", "/api/v1/billing/usage?org={org}", Billing),
     ];
     for path in ["/api/v1/agents/{agent}/logs/stream", "/api/v1/deployments/{dep}/progress"] {
         routes.push(Route { method: "GET", path, body: None, needs: P::Read, stream: true });
@@ -261,6 +265,12 @@ async fn every_route_refuses_other_orgs_and_missing_permissions_and_changes_noth
     let hub = TestHub::start(&dir.path().join("hub"), |config| config.rate_limit.enabled = false).await;
     hub.create_org("acme", 10).await;
     hub.create_org("globex", 10).await;
+    let plan = json!({ "id": "basic", "name": "Basic", "prices": { "currency": "USD", "base_minor": 1000 }, "limits": { "agents": 10 } });
+    assert_eq!(hub.api().post("/api/v1/plans", &plan).await.0, 201);
+    for org in ["acme", "globex"] {
+        let (code, body) = send(&hub.api(), "PUT", &format!("/api/v1/orgs/{org}/subscription"), Some(&json!({ "plan": "basic" }))).await;
+        assert_eq!(code, 200, "{body}");
+    }
     let (acme_owner, acme) = furnish(&hub, "acme", dir.path()).await;
     let (_, globex) = furnish(&hub, "globex", dir.path()).await;
 
