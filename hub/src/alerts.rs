@@ -291,11 +291,35 @@ fn rank(severity: &str) -> u8 {
     }
 }
 
+/// `ledger_conflict`: one critical alert per unresolved conflict in the org's usage ledger
+/// (a key re-recorded with another quantity). It holds until an operator resolves the
+/// conflict (`POST /api/v1/billing/conflicts/resolve`), not merely until time passes: money
+/// may be wrong.
+pub fn ledger_conditions(conflicts: &[crate::store::LedgerConflict]) -> Vec<Condition> {
+    conflicts
+        .iter()
+        .filter(|c| c.resolved_at_ms.is_none())
+        .map(|c| Condition {
+            key: format!("ledger_conflict:{}", c.key),
+            rule: "ledger_conflict",
+            severity: "critical",
+            summary: format!(
+                "usage ledger entry {} holds {} but {} was offered ({} time(s)); review it and resolve or correct",
+                c.key, c.recorded, c.refused, c.attempts
+            ),
+            agent: None,
+            check: None,
+            deployment: None,
+        })
+        .collect()
+}
+
 /// Reconcile one org's open alerts with the conditions that hold now.
 pub fn evaluate_org(hub: &Hub, org: &str, now_ms: i64) -> Result<(), crate::store::Error> {
     let rules = hub.store.alert_rules(org)?;
     let facts = agent_facts(hub, org)?;
-    let holding = conditions(&rules, &facts, hub.health.started_ms(), now_ms);
+    let mut holding = conditions(&rules, &facts, hub.health.started_ms(), now_ms);
+    holding.extend(ledger_conditions(&hub.store.ledger_conflict_records(Some(org))?));
     let silences: Vec<_> = hub.store.silences(org)?.into_iter().filter(|s| s.expires_at_ms > now_ms).collect();
     let keys: HashSet<&str> = holding.iter().map(|c| c.key.as_str()).collect();
     for open in hub.store.open_alerts_of_org(org)? {

@@ -27,6 +27,11 @@ impl Rate {
     pub fn new(per_sec: u32, burst: u32) -> Rate {
         Rate { per_sec: f64::from(per_sec), burst: f64::from(burst.max(1)) }
     }
+
+    /// `n` requests in any minute: a bucket of `n` refilled at `n` a minute.
+    pub fn per_minute(n: u32) -> Rate {
+        Rate { per_sec: f64::from(n) / 60.0, burst: f64::from(n.max(1)) }
+    }
 }
 
 /// One token bucket. A new bucket is full.
@@ -199,8 +204,9 @@ impl<K: Hash + Eq + Clone> FailureWindows<K> {
 /// Who a request is counted against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
-    /// A known API key, with its org (`None` for operator keys).
-    Key { id: String, org: Option<String>, operator: bool },
+    /// A known API key, with its org (`None` for operator keys) and the org's plan limit
+    /// of requests per minute, if its plan sets one (it replaces the configured per-org rate).
+    Key { id: String, org: Option<String>, operator: bool, org_per_minute: Option<u32> },
     /// A live login session (by the hash of its cookie), of an operator or not.
     Session { hash: String, operator: bool },
     /// No valid credential: the client's address.
@@ -258,12 +264,12 @@ impl Limiter {
         let operator_rate = Rate::new(c.operator_per_sec, c.operator_burst);
         match subject {
             Subject::Key { operator: true, .. } | Subject::Session { operator: true, .. } if c.operator_per_sec == 0 => Ok(()),
-            Subject::Key { id, org, operator } => {
+            Subject::Key { id, org, operator, org_per_minute } => {
                 let rate = if *operator { operator_rate } else { key_rate };
                 let id = format!("key:{id}");
                 let mut credentials = lock(&self.credentials);
                 if let Some(org) = org {
-                    let org_rate = Rate::new(c.per_org_per_sec, c.per_org_burst);
+                    let org_rate = org_per_minute.map_or(Rate::new(c.per_org_per_sec, c.per_org_burst), Rate::per_minute);
                     let mut orgs = lock(&self.orgs);
                     let wait = credentials.wait_ms(&id, rate, now_ms);
                     if wait > 0 {
@@ -419,7 +425,7 @@ mod tests {
     #[test]
     fn keys_share_their_org_bucket_and_a_refusal_costs_nothing() {
         let limiter = Limiter::new(&config());
-        let key = |id: &str, org: &str| Subject::Key { id: id.into(), org: Some(org.into()), operator: false };
+        let key = |id: &str, org: &str| Subject::Key { id: id.into(), org: Some(org.into()), operator: false, org_per_minute: None };
         limiter.request(&key("a", "acme"), 0).unwrap();
         limiter.request(&key("a", "acme"), 0).unwrap();
         assert_eq!(limiter.request(&key("a", "acme"), 0), Err((Limit::Key, 1000)));
@@ -427,7 +433,7 @@ mod tests {
         assert_eq!(limiter.request(&key("b", "acme"), 0), Err((Limit::Org, 1000)));
         // Another org is unaffected; operators are exempt by default.
         limiter.request(&key("c", "other"), 0).unwrap();
-        let operator = Subject::Key { id: "op".into(), org: None, operator: true };
+        let operator = Subject::Key { id: "op".into(), org: None, operator: true, org_per_minute: None };
         for _ in 0..100 {
             limiter.request(&operator, 0).unwrap();
         }

@@ -161,6 +161,15 @@ pub async fn close_now(State(hub): State<Arc<Hub>>, principal: Principal) -> Api
     Ok(Json(json!({ "closed": closed })))
 }
 
+/// Refuse a new deployment revision over a hard `deployments_per_month` limit:
+/// `402 plan_limit_reached` with the count and when it resets.
+pub(crate) fn require_deploy_quota(hub: &Hub, org: &str) -> ApiResult<()> {
+    match plans::deploy_quota_refusal(hub, org, crate::wall_ms())? {
+        Some(reason) => Err(ApiError::new(StatusCode::PAYMENT_REQUIRED, "plan_limit_reached", reason)),
+        None => Ok(()),
+    }
+}
+
 /// Refuse `what` (e.g. "deploying") when the org's subscription does not entitle it:
 /// `402 subscription_inactive` with the reason.
 pub(crate) fn require_entitlement(hub: &Hub, org: &str, what: &str, allowed: impl Fn(&crate::billing::plans::Entitlements) -> bool) -> ApiResult<()> {

@@ -330,6 +330,65 @@ pub async fn correct(State(hub): State<Arc<Hub>>, principal: Principal, ApiJson(
     Ok((status, Json(CorrectionResponse { entry: row(&stored), duplicate })).into_response())
 }
 
+/// `GET /api/v1/billing/conflicts` query: one org's conflicts, or every org's.
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictQuery {
+    pub org: Option<String>,
+    /// Include resolved conflicts too (default: only open ones).
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// The kept ledger conflicts.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ConflictList {
+    pub conflicts: Vec<crate::store::LedgerConflict>,
+}
+
+/// Refused re-records of ledger keys with another quantity (operators). Each open one also
+/// fires its org's `ledger_conflict` alert.
+pub async fn conflicts(State(hub): State<Arc<Hub>>, principal: Principal, ApiQuery(query): ApiQuery<ConflictQuery>) -> ApiResult<Json<ConflictList>> {
+    require_operator(&principal, Perm::Billing)?;
+    let mut conflicts = hub.store.ledger_conflict_records(query.org.as_deref())?;
+    if !query.all {
+        conflicts.retain(|c| c.resolved_at_ms.is_none());
+    }
+    Ok(Json(ConflictList { conflicts }))
+}
+
+/// `POST /api/v1/billing/conflicts/resolve` body.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveConflictRequest {
+    pub org: String,
+    /// The conflict's `key` as listed.
+    pub key: String,
+    /// What was found and done (e.g. "duplicate metering after restore; no correction
+    /// needed", or the id of the correction entry made).
+    pub note: String,
+}
+
+/// Mark a ledger conflict reviewed (operators); its alert resolves at the next evaluation.
+/// The ledger itself is never changed here: a correction does that.
+pub async fn resolve_conflict(
+    State(hub): State<Arc<Hub>>,
+    principal: Principal,
+    ApiJson(request): ApiJson<ResolveConflictRequest>,
+) -> ApiResult<Json<crate::store::LedgerConflict>> {
+    require_operator(&principal, Perm::Billing)?;
+    let note = request.note.trim();
+    if note.is_empty() || note.len() > 500 {
+        return Err(ApiError::bad_request("note must be 1 to 500 characters"));
+    }
+    let resolved = hub
+        .store
+        .resolve_ledger_conflict(&request.org, &request.key, &principal.name, note, crate::wall_ms())?
+        .ok_or_else(|| ApiError::not_found(&format!("ledger conflict {} of org {}", request.key, request.org)))?;
+    hub.health.wake.notify_one();
+    Ok(Json(resolved))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -173,6 +173,7 @@ pub async fn create(
 ) -> ApiResult<Response> {
     authorize(&principal, &org, Perm::Deploy, &format!("org {org}"))?;
     super::billing::require_entitlement(&hub, &org, "deploying", |e| e.deploy)?;
+    super::billing::require_deploy_quota(&hub, &org)?;
     if hub.store.org(&org)?.is_none() {
         return Err(ApiError::not_found(&format!("org {org}")));
     }
@@ -242,6 +243,7 @@ pub async fn update(
 ) -> ApiResult<Json<Value>> {
     let deployment = find(&hub, &principal, &id, Perm::Deploy)?;
     super::billing::require_entitlement(&hub, &deployment.org, "deploying", |e| e.deploy)?;
+    super::billing::require_deploy_quota(&hub, &deployment.org)?;
     if deployment.deleted_at_ms.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} was deleted")));
     }
@@ -274,6 +276,7 @@ pub async fn rollback(
 ) -> ApiResult<Json<Value>> {
     let deployment = find(&hub, &principal, &id, Perm::Deploy)?;
     super::billing::require_entitlement(&hub, &deployment.org, "deploying", |e| e.deploy)?;
+    super::billing::require_deploy_quota(&hub, &deployment.org)?;
     if deployment.deleted_at_ms.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("deployment {id} was deleted")));
     }

@@ -54,7 +54,10 @@ pub fn subject_of(hub: &Hub, headers: &HeaderMap, ip: Option<IpAddr>) -> Subject
     if let Some(text) = bearer {
         let id = text.strip_prefix(API_KEY_PREFIX).and_then(|rest| rest.split_once('.')).map(|(id, _)| id).filter(|id| id.len() <= 64);
         return match id.map(|id| hub.store.api_key(id)) {
-            Some(Ok(Some(key))) if !key.revoked => Subject::Key { operator: key.org.is_none(), id: key.id, org: key.org },
+            Some(Ok(Some(key))) if !key.revoked => {
+                let org_per_minute = key.org.as_deref().and_then(|org| crate::billing::plans::api_requests_per_minute(hub, org));
+                Subject::Key { operator: key.org.is_none(), id: key.id, org: key.org, org_per_minute }
+            }
             _ => by_address(),
         };
     }

@@ -500,6 +500,19 @@ pub fn routes() -> Routes {
                 .response::<billing_usage::CorrectionResponse>()
                 .status(201),
         )
+        .get(
+            "/api/v1/billing/conflicts",
+            billing_usage::conflicts,
+            Op::new("Usage ledger conflicts kept for review (operators)")
+                .tag("billing")
+                .query::<billing_usage::ConflictQuery>()
+                .response::<billing_usage::ConflictList>(),
+        )
+        .post(
+            "/api/v1/billing/conflicts/resolve",
+            billing_usage::resolve_conflict,
+            Op::new("Mark a ledger conflict reviewed (operators)").tag("billing").body::<billing_usage::ResolveConflictRequest>(),
+        )
         .post(
             "/api/v1/webhooks/stripe",
             stripe_webhook::receive,

@@ -38,9 +38,17 @@ pub struct Limits {
     pub log_bytes_per_month: Option<u64>,
     pub events_per_day: Option<u64>,
     pub retention_days: Option<u32>,
+    /// Deployment revisions (creates, updates and rollbacks) per billing period; refused
+    /// over it under `hard` enforcement, billed as `deployments` overage under `soft`.
     pub deployments_per_month: Option<u64>,
-    /// API requests per minute for the org's keys and sessions.
+    /// API requests per minute for all of the org's API keys together (in place of the hub's
+    /// `rate_limit.per_org_*`). People at the dashboard are limited per session as usual.
     pub api_requests_per_minute: Option<u32>,
+    /// The smallest host the installer accepts for this plan's agents (its preflight
+    /// checks CPUs, memory and free disk against it); unset: the hub's
+    /// `installer.requirements`.
+    #[serde(default)]
+    pub agent_host: Option<crate::install::HostRequirements>,
     /// `soft`: usage over a limit is billed as overage; `hard`: ingest over it is refused
     /// (agents keep it buffered) until the period ends.
     #[serde(default)]
@@ -491,6 +499,41 @@ pub fn quota_refusal(hub: &Hub, org: &str, class: gantry_shared::message::Stream
     (used >= limit as i64).then(|| {
         format!("org {org} reached its plan's limit of {limit} {what} ({used} used); the agent keeps the rest until the limit resets or the plan changes")
     })
+}
+
+/// The org's plan limit of API requests per minute (its API keys share it), if the plan of
+/// its subscription sets one. Enforced whatever the plan's `enforcement`: a rate limit has
+/// no overage to bill.
+pub fn api_requests_per_minute(hub: &Hub, org: &str) -> Option<u32> {
+    let s = hub.store.subscription(org).ok()??;
+    hub.store.plan_version(&s.plan_id, s.plan_version).ok()??.limits.api_requests_per_minute
+}
+
+/// Under a hard `deployments_per_month` limit, why the org may not make another deployment
+/// revision now (create, update and rollback each make one, as the `deployments` meter
+/// counts them), or `None` if it may. Counted from the store, not the hourly ledger, so the
+/// limit holds to the request.
+pub fn deploy_quota_refusal(hub: &Hub, org: &str, now_ms: i64) -> Result<Option<String>, Error> {
+    let Some(s) = hub.store.subscription(org)? else {
+        return Ok(None);
+    };
+    let Some(plan) = hub.store.plan_version(&s.plan_id, s.plan_version)? else {
+        return Ok(None);
+    };
+    let (Enforcement::Hard, Some(limit)) = (plan.limits.enforcement, plan.limits.deployments_per_month) else {
+        return Ok(None);
+    };
+    let (from, until) = period_containing(s.period_anchor_ms, now_ms);
+    let mut used = 0u64;
+    for deployment in hub.store.deployments_of_org_all(org)? {
+        used += hub.store.revisions(&deployment.id)?.iter().filter(|r| (from..until).contains(&r.created_at_ms)).count() as u64;
+    }
+    Ok((used >= limit).then(|| {
+        format!(
+            "org {org} reached its plan's limit of {limit} deployment revisions this billing period ({used} made); it resets at {}",
+            crate::api::rfc3339(until)
+        )
+    }))
 }
 
 /// Store errors for the API.

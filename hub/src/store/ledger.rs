@@ -12,6 +12,9 @@
 //! - `ledger_meta`: `seq` → the last sequence number given out.
 //! - `ledger_work`: the metering's own durable scratch (hourly gauge maxima, cursors); see
 //!   `billing/ledger.rs`. The ledger proper never reads it.
+//! - `ledger_conflicts`: `org \0 key text` → [`LedgerConflict`]: every refused re-record of
+//!   a key with another quantity, kept until an operator resolves it (it fires the org's
+//!   `ledger_conflict` alert until then).
 //!
 //! An append writes the entry, both index keys and the sequence counter in one sled
 //! transaction. Nothing here rewrites or deletes an entry: corrections are new entries.
@@ -34,6 +37,7 @@ pub(super) struct Trees {
     hours: sled::Tree,
     meta: sled::Tree,
     work: sled::Tree,
+    conflict_records: sled::Tree,
     /// Conflicting re-records refused since the store opened (exported as a metric).
     conflicts: Arc<AtomicU64>,
 }
@@ -46,6 +50,7 @@ impl Trees {
             hours: db.open_tree("ledger_hours")?,
             meta: db.open_tree("ledger_meta")?,
             work: db.open_tree("ledger_work")?,
+            conflict_records: db.open_tree("ledger_conflicts")?,
             conflicts: Arc::default(),
         })
     }
@@ -92,6 +97,34 @@ impl LedgerEntry {
     pub fn key_text(&self) -> String {
         format!("{}/{}/{}/{}", self.org, self.meter, self.hour_ms, self.source)
     }
+}
+
+/// A refused re-record: the key held one quantity and another was offered. Kept for an
+/// operator to look into (usage counted twice, or a metering fault); resolving it records
+/// who looked and what they decided, and never changes the ledger (a correction does that).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct LedgerConflict {
+    pub org: String,
+    /// The entry's key, `org/meter/hour_ms/source`.
+    pub key: String,
+    pub meter: Meter,
+    pub hour_ms: i64,
+    pub source: String,
+    /// The quantity the ledger holds.
+    pub recorded: i64,
+    /// The last quantity refused.
+    pub refused: i64,
+    /// How many times a conflicting quantity was offered.
+    pub attempts: u64,
+    pub first_at_ms: i64,
+    pub last_at_ms: i64,
+    pub resolved_at_ms: Option<i64>,
+    pub resolved_by: Option<String>,
+    pub resolution: Option<String>,
+}
+
+fn conflict_key(org: &str, key: &str) -> Vec<u8> {
+    [org.as_bytes(), b"\0", key.as_bytes()].concat()
 }
 
 /// What [`Store::record`] did.
@@ -250,10 +283,71 @@ impl Store {
                     trees.conflicts.fetch_add(1, Ordering::Relaxed);
                     let key = entry.key_text();
                     tracing::warn!(key = %key, existing, refused = entry.quantity, "ledger entry conflicts with the recorded one");
+                    if let Err(error) = self.note_ledger_conflict(entry, existing) {
+                        tracing::error!(%error, key = %key, "could not keep the ledger conflict for review");
+                    }
                     Err(Error::Conflict(format!("ledger entry {key} is recorded with quantity {existing}; refusing quantity {}", entry.quantity)))
                 }
             })
             .collect()
+    }
+
+    /// Keep a refused re-record for review (a new conflict, or one more attempt of a known
+    /// one, which reopens it if it was resolved). Flushed before it returns.
+    fn note_ledger_conflict(&self, entry: &LedgerEntry, recorded: i64) -> Result<(), Error> {
+        let key = entry.key_text();
+        let now = crate::wall_ms();
+        let db_key = conflict_key(&entry.org, &key);
+        let previous: Option<LedgerConflict> = self.ledger.conflict_records.get(&db_key)?.map(|raw| decode("ledger conflict", &raw)).transpose()?;
+        let conflict = match previous {
+            Some(mut c) => {
+                c.refused = entry.quantity;
+                c.attempts += 1;
+                c.last_at_ms = now;
+                c.resolved_at_ms = None;
+                c.resolved_by = None;
+                c.resolution = None;
+                c
+            }
+            None => LedgerConflict {
+                org: entry.org.clone(),
+                key,
+                meter: entry.meter,
+                hour_ms: entry.hour_ms,
+                source: entry.source.clone(),
+                recorded,
+                refused: entry.quantity,
+                attempts: 1,
+                first_at_ms: now,
+                last_at_ms: now,
+                resolved_at_ms: None,
+                resolved_by: None,
+                resolution: None,
+            },
+        };
+        self.ledger.conflict_records.insert(db_key, encode(&conflict))?;
+        self.durable()
+    }
+
+    /// Kept conflicts, of one org or of all, oldest key first.
+    pub fn ledger_conflict_records(&self, org: Option<&str>) -> Result<Vec<LedgerConflict>, Error> {
+        let prefix = org.map(|o| [o.as_bytes(), b"\0"].concat()).unwrap_or_default();
+        self.ledger.conflict_records.scan_prefix(prefix).values().map(|raw| decode("ledger conflict", &raw?)).collect()
+    }
+
+    /// Mark a conflict resolved by `by` with a note; `None` if there is no such conflict.
+    pub fn resolve_ledger_conflict(&self, org: &str, key: &str, by: &str, note: &str, now_ms: i64) -> Result<Option<LedgerConflict>, Error> {
+        let db_key = conflict_key(org, key);
+        let Some(raw) = self.ledger.conflict_records.get(&db_key)? else {
+            return Ok(None);
+        };
+        let mut conflict: LedgerConflict = decode("ledger conflict", &raw)?;
+        conflict.resolved_at_ms = Some(now_ms);
+        conflict.resolved_by = Some(by.to_string());
+        conflict.resolution = Some(note.to_string());
+        self.ledger.conflict_records.insert(db_key, encode(&conflict))?;
+        self.durable()?;
+        Ok(Some(conflict))
     }
 
     /// Conflicting re-records refused since the store was opened.

@@ -31,7 +31,7 @@ pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
 pub use audit::{entry_hash, verify_chain, AuditEntry, AuditFilter, AuditPage, AuditVerdict, Head as AuditHead, NewAuditEntry, AUDIT_SCAN_LIMIT, GENESIS_HASH};
 pub use checks::{CheckConfig, CheckScope, CheckStatus};
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
-pub use ledger::{EntryKind, LedgerEntry, Recorded as LedgerRecorded};
+pub use ledger::{EntryKind, LedgerConflict, LedgerEntry, Recorded as LedgerRecorded};
 pub use plans::ClosedInvoice;
 pub use secrets::{StoredRegistry, StoredSecret};
 pub use stripe::{OrderMarks, OutboxRow, OutboxState, Recorded, StripeEvent};
