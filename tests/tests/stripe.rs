@@ -377,6 +377,46 @@ async fn the_same_event_five_times_is_processed_once() {
 }
 
 #[tokio::test]
+async fn an_event_recorded_but_not_applied_before_a_crash_is_applied_once_on_redelivery() {
+    let (_data, _secrets, hub) = webhook_hub("stripe-pending").await;
+    let t = now_secs();
+    let failed_payments = || plans::subscription(&hub.hub, "acme").unwrap().unwrap().failed_payments;
+    let pending = |id: &str| gantry_hub::store::StripeEvent {
+        id: id.into(),
+        event_type: "invoice.payment_failed".into(),
+        created: t,
+        org: Some("acme".into()),
+        effect: "payment_failed".into(),
+        received_at_ms: gantry_hub::wall_ms(),
+        pending: false,
+    };
+    // The hub recorded the event, then stopped before the subscription changed.
+    hub.hub.store.stripe_record_event(&pending("evt_half"), |marks| (true, marks, "payment_failed".into())).unwrap();
+    assert_eq!((status_of(&hub), failed_payments()), (Status::Active, 0));
+    // Stripe delivers it again: applied now, and then only ever once.
+    let body = invoice_event("evt_half", "invoice.payment_failed", "cus_acme", t);
+    let (status, reply) = webhook(&hub, &body, Some(signed(&body, WEBHOOK_SECRET, now_secs()))).await;
+    assert_eq!((status, reply["duplicate"].as_bool()), (200, Some(false)), "{reply}");
+    assert_eq!((status_of(&hub), failed_payments()), (Status::PastDue, 1));
+    let (status, reply) = webhook(&hub, &body, Some(signed(&body, WEBHOOK_SECRET, now_secs()))).await;
+    assert_eq!((status, reply["duplicate"].as_bool()), (200, Some(true)), "{reply}");
+    assert_eq!(failed_payments(), 1);
+
+    // The hub recorded the next one and changed the subscription, then stopped before
+    // marking the event applied: the redelivery changes nothing more.
+    hub.hub.store.stripe_record_event(&pending("evt_late"), |marks| (true, marks, "payment_failed".into())).unwrap();
+    plans::apply_payment_event(&hub.hub, "acme", t * 1000, "evt_late", false).unwrap();
+    assert_eq!(failed_payments(), 2);
+    let body = invoice_event("evt_late", "invoice.payment_failed", "cus_acme", t);
+    let (status, reply) = webhook(&hub, &body, Some(signed(&body, WEBHOOK_SECRET, now_secs()))).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!((status_of(&hub), failed_payments()), (Status::PastDue, 2), "the failure is counted once");
+    let (_, reply) = webhook(&hub, &body, Some(signed(&body, WEBHOOK_SECRET, now_secs()))).await;
+    assert_eq!(reply["duplicate"], true, "{reply}");
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn events_out_of_order_converge() {
     let (_data, _secrets, hub) = webhook_hub("stripe-order").await;
     let t = now_secs();

@@ -159,7 +159,14 @@ pub struct Subscription {
     pub changes: Vec<PlanChange>,
     pub status_changed_at_ms: i64,
     pub created_at_ms: i64,
+    /// The latest Stripe events whose effect this subscription carries (at most
+    /// [`APPLIED_EVENTS_KEPT`]), written with the effect so an event is never applied twice.
+    #[serde(default)]
+    pub applied_events: Vec<String>,
 }
+
+/// Stripe event ids a subscription remembers (far more than can be pending at once).
+pub const APPLIED_EVENTS_KEPT: usize = 64;
 
 /// The UTC calendar-month period `[start, end)` holding `at_ms` for a subscription anchored
 /// at `anchor_ms` (anchored on the 31st, a period starts on the last day of shorter months).
@@ -314,6 +321,7 @@ pub fn subscribe(hub: &Hub, org: &str, plan_id: &str) -> Result<Subscription, Pl
                     changes: vec![change],
                     status_changed_at_ms: now,
                     created_at_ms: now,
+                    applied_events: Vec::new(),
                 }
             }
         })
@@ -342,9 +350,23 @@ fn sync_org(hub: &Hub, subscription: &Subscription) -> Result<(), Error> {
 
 /// Move the subscription to `status` (no-op when already there).
 fn set_status(hub: &Hub, org: &str, at_ms: i64, change: impl Fn(&mut Subscription)) -> Result<Subscription, Error> {
+    set_status_once(hub, org, at_ms, None, change)
+}
+
+/// [`set_status`], at most once per `event`: the event id is stored with the change, and a
+/// subscription that already carries it is left as it is.
+fn set_status_once(hub: &Hub, org: &str, at_ms: i64, event: Option<&str>, change: impl Fn(&mut Subscription)) -> Result<Subscription, Error> {
     let before = hub.store.subscription(org)?.map(|s| s.status);
     let subscription = hub.store.update_subscription(org, |current| {
         let mut s = current.ok_or_else(|| Error::NotFound(format!("subscription of org {org}")))?;
+        if let Some(event) = event {
+            if s.applied_events.iter().any(|e| e == event) {
+                return Ok(s);
+            }
+            s.applied_events.push(event.to_string());
+            let excess = s.applied_events.len().saturating_sub(APPLIED_EVENTS_KEPT);
+            s.applied_events.drain(..excess);
+        }
         let was = s.status;
         change(&mut s);
         if s.status != was {
@@ -361,23 +383,42 @@ fn set_status(hub: &Hub, org: &str, at_ms: i64, change: impl Fn(&mut Subscriptio
 
 /// A payment failed: past due, and suspended at the third failure in a row.
 pub fn payment_failed(hub: &Hub, org: &str, at_ms: i64) -> Result<Subscription, Error> {
-    set_status(hub, org, at_ms, |s| {
-        if s.status == Status::Canceled {
-            return;
-        }
-        s.failed_payments += 1;
-        s.status = if s.failed_payments >= FAILED_PAYMENTS_TO_SUSPEND { Status::Suspended } else { Status::PastDue };
-    })
+    set_status(hub, org, at_ms, unpaid)
 }
 
 /// A payment went through: active again, failures forgotten, the org restored.
 pub fn payment_succeeded(hub: &Hub, org: &str, at_ms: i64) -> Result<Subscription, Error> {
-    set_status(hub, org, at_ms, |s| {
-        if s.status == Status::Canceled {
-            return;
+    set_status(hub, org, at_ms, paid)
+}
+
+fn paid(s: &mut Subscription) {
+    if s.status == Status::Canceled {
+        return;
+    }
+    s.failed_payments = 0;
+    s.status = Status::Active;
+}
+
+fn unpaid(s: &mut Subscription) {
+    if s.status == Status::Canceled {
+        return;
+    }
+    s.failed_payments += 1;
+    s.status = if s.failed_payments >= FAILED_PAYMENTS_TO_SUSPEND { Status::Suspended } else { Status::PastDue };
+}
+
+/// A Stripe payment event (`succeeded` or failed), applied at most once per event id.
+pub fn apply_payment_event(hub: &Hub, org: &str, at_ms: i64, event: &str, succeeded: bool) -> Result<Subscription, Error> {
+    set_status_once(hub, org, at_ms, Some(event), if succeeded { paid } else { unpaid })
+}
+
+/// A Stripe subscription status event, applied at most once per event id.
+pub fn apply_status_event(hub: &Hub, org: &str, status: Status, event: &str) -> Result<Subscription, Error> {
+    set_status_once(hub, org, crate::wall_ms(), Some(event), |s| {
+        s.status = status;
+        if status == Status::Active {
+            s.failed_payments = 0;
         }
-        s.failed_payments = 0;
-        s.status = Status::Active;
     })
 }
 

@@ -239,6 +239,7 @@ pub fn process_event(hub: &Hub, body: &[u8], now_ms: i64) -> Result<EventOutcome
         org: org.clone(),
         effect: if action == Action::None { "ignored".into() } else { "ignored: no org has this customer".into() },
         received_at_ms: now_ms,
+        pending: false,
     };
     let apply = match hub.store.stripe_record_event(&record, |marks| decide(action, created, marks))? {
         Recorded::Duplicate(_) => return Ok(EventOutcome::Duplicate),
@@ -250,22 +251,23 @@ pub fn process_event(hub: &Hub, body: &[u8], now_ms: i64) -> Result<EventOutcome
         return Ok(EventOutcome::Processed { effect: stored });
     };
     let at_ms = created.saturating_mul(1000);
+    // The event is recorded as pending with its decision; the subscription write below
+    // records the event id with the change, so applying again after a crash changes nothing.
     let applied = match action {
-        Action::PaymentFailed => plans::payment_failed(hub, &org, at_ms).map(drop),
-        Action::PaymentSucceeded => plans::payment_succeeded(hub, &org, at_ms).map(drop),
+        Action::PaymentFailed => plans::apply_payment_event(hub, &org, at_ms, &id, false).map(drop),
+        Action::PaymentSucceeded => plans::apply_payment_event(hub, &org, at_ms, &id, true).map(drop),
         Action::SubscriptionStatus(status) => {
             let status = status.unwrap_or(Status::Canceled);
             match plans::subscription(hub, &org)? {
-                Some(s) if s.status != status && s.status != Status::Canceled => plans::force_status(hub, &org, status).map(drop),
+                Some(s) if s.status != status && s.status != Status::Canceled => plans::apply_status_event(hub, &org, status, &id).map(drop),
                 _ => Ok(()),
             }
         }
         Action::None => Ok(()),
     };
-    if let Err(error) = applied {
-        hub.store.stripe_forget_event(&id)?;
-        return Err(error.into());
-    }
+    // On failure the event stays pending: Stripe's retry applies it.
+    applied?;
+    hub.store.stripe_event_applied(&id)?;
     tracing::info!(event_id = %id, %event_type, %org, effect = %stored, "stripe event applied");
     Ok(EventOutcome::Processed { effect: stored })
 }

@@ -111,6 +111,11 @@ pub struct StripeEvent {
     /// What it did (`payment_failed`, `stale: ...`, `ignored: ...`).
     pub effect: String,
     pub received_at_ms: i64,
+    /// Recorded with an effect to apply that is not confirmed applied yet (the hub stopped
+    /// in between, or applying failed): a redelivery applies it then, and the subscription
+    /// itself remembers the events it carries, so it is never applied twice.
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// Per org: the newest Stripe event times already applied, per kind.
@@ -230,7 +235,8 @@ impl Store {
         let recorded = (&self.stripe.events, &self.stripe.marks)
             .transaction(|(events, marks)| {
                 if let Some(raw) = events.get(event.id.as_bytes())? {
-                    return Ok(Recorded::Duplicate(decode("stripe event", &raw).map_err(abort)?));
+                    let seen: StripeEvent = decode("stripe event", &raw).map_err(abort)?;
+                    return Ok(if seen.pending { Recorded::New { apply: true } } else { Recorded::Duplicate(seen) });
                 }
                 let mut stored = event.clone();
                 let apply = match &event.org {
@@ -242,6 +248,7 @@ impl Store {
                         let (apply, next, effect) = decide(current);
                         marks.insert(org.as_bytes(), encode(&next))?;
                         stored.effect = effect;
+                        stored.pending = apply;
                         apply
                     }
                     None => false,
@@ -254,9 +261,14 @@ impl Store {
         Ok(recorded)
     }
 
-    /// Forget an event whose effect could not be applied, so Stripe's retry applies it.
-    pub fn stripe_forget_event(&self, id: &str) -> Result<(), Error> {
-        self.stripe.events.remove(id.as_bytes())?;
+    /// The effect of a pending event is applied: later deliveries are duplicates.
+    pub fn stripe_event_applied(&self, id: &str) -> Result<(), Error> {
+        let Some(raw) = self.stripe.events.get(id.as_bytes())? else {
+            return Ok(());
+        };
+        let mut event: StripeEvent = decode("stripe event", &raw)?;
+        event.pending = false;
+        self.stripe.events.insert(id.as_bytes(), encode(&event))?;
         self.durable()
     }
 
