@@ -58,6 +58,9 @@ struct State {
     /// Meter events still to accept and then answer by dropping the connection.
     drop_after_accept: u32,
     replays: u32,
+    /// Subscription item price changes and cancellations made.
+    price_changes: u32,
+    cancellations: u32,
 }
 
 /// The running stub; stops when dropped.
@@ -177,6 +180,12 @@ impl StripeStub {
         self.state().subscriptions.values().cloned().collect()
     }
 
+    /// How many subscription price changes and cancellations were made.
+    pub fn changes(&self) -> (u32, u32) {
+        let state = self.state();
+        (state.price_changes, state.cancellations)
+    }
+
     /// How many answers were replays of an earlier idempotency key.
     pub fn replays(&self) -> u32 {
         self.state().replays
@@ -241,6 +250,9 @@ fn answer(
             Err(e) => return plain(error(400, "invalid_request_error", "parameter_invalid", &e)),
         };
         return plain(get(state, path, &params));
+    }
+    if method == "DELETE" {
+        return plain(delete(state, path));
     }
     if method != "POST" {
         return plain(error(404, "invalid_request_error", "resource_missing", "Unrecognized request URL"));
@@ -327,7 +339,7 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
             }
             let id = format!("sub_stub{n}");
             let subscription = json!({ "id": id, "object": "subscription", "customer": p["customer"], "status": "active",
-                "metadata": metadata_of(&p), "items": { "data": [{ "price": { "id": p["items[0][price]"] } }] } });
+                "metadata": metadata_of(&p), "items": { "data": [{ "id": format!("si_stub{n}"), "price": { "id": p["items[0][price]"] } }] } });
             state.subscriptions.insert(id, subscription.clone());
             (200, subscription)
         }
@@ -359,8 +371,50 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
                 "payload": { "stripe_customer_id": customer, "value": value.to_string() } }),
             )
         }
-        _ => error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (POST: {path})")),
+        _ => match path.strip_prefix("/v1/subscriptions/") {
+            Some(id) if !id.contains('/') => update_subscription(state, id, params),
+            _ => error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (POST: {path})")),
+        },
     }
+}
+
+/// `POST /v1/subscriptions/{id}`: move the item named by `items[0][id]` to `items[0][price]`.
+fn update_subscription(state: &mut State, id: &str, params: &[(String, String)]) -> (u16, Value) {
+    let p = match check(params, &["items[0][id]", "items[0][price]"], &["proration_behavior", "metadata[*"]) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    if let Some(behavior) = p.get("proration_behavior") {
+        if !["create_prorations", "none", "always_invoice"].contains(&behavior.as_str()) {
+            return error(400, "invalid_request_error", "parameter_invalid", &format!("Invalid proration_behavior: {behavior}"));
+        }
+    }
+    let Some(subscription) = state.subscriptions.get_mut(id) else {
+        return error(404, "invalid_request_error", "resource_missing", &format!("No such subscription: '{id}'"));
+    };
+    if subscription["status"] == "canceled" {
+        return error(400, "invalid_request_error", "resource_missing", "A canceled subscription can only update its cancellation_details and metadata.");
+    }
+    if subscription["items"]["data"][0]["id"] != p["items[0][id]"].as_str() {
+        return error(400, "invalid_request_error", "resource_missing", &format!("No such subscription item: '{}'", p["items[0][id]"]));
+    }
+    subscription["items"]["data"][0]["price"] = json!({ "id": p["items[0][price]"] });
+    state.price_changes += 1;
+    (200, subscription.clone())
+}
+
+/// `DELETE /v1/subscriptions/{id}`: cancel it at once.
+fn delete(state: &mut State, path: &str) -> (u16, Value) {
+    let id = path.strip_prefix("/v1/subscriptions/").unwrap_or_default();
+    let Some(subscription) = state.subscriptions.get_mut(id) else {
+        return error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (DELETE: {path})"));
+    };
+    if subscription["status"] == "canceled" {
+        return error(400, "invalid_request_error", "resource_missing", &format!("No such subscription: '{id}'"));
+    }
+    subscription["status"] = json!("canceled");
+    state.cancellations += 1;
+    (200, subscription.clone())
 }
 
 fn get(state: &State, path: &str, params: &[(String, String)]) -> (u16, Value) {
@@ -406,6 +460,15 @@ fn get(state: &State, path: &str, params: &[(String, String)]) -> (u16, Value) {
             .sum();
         let data = vec![json!({ "object": "billing.meter_event_summary", "aggregated_value": total, "start_time": start, "end_time": end })];
         return (200, json!({ "object": "list", "data": data, "has_more": false }));
+    }
+    if let Some(id) = path.strip_prefix("/v1/subscriptions/").filter(|id| !id.contains('/')) {
+        if let Err(e) = check(params, &[], &["expand[*"]) {
+            return e;
+        }
+        return match state.subscriptions.get(id) {
+            Some(subscription) => (200, subscription.clone()),
+            None => error(404, "invalid_request_error", "resource_missing", &format!("No such subscription: '{id}'")),
+        };
     }
     error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (GET: {path})"))
 }

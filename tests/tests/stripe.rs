@@ -118,6 +118,45 @@ async fn customers_subscriptions_and_usage_sync_to_stripe() {
 }
 
 #[tokio::test]
+async fn a_plan_change_moves_the_stripe_price_and_a_cancellation_cancels_in_stripe() {
+    let (data, secrets) = (TempDir::new("stripe-change"), TempDir::new("stripe-change-secrets"));
+    let stub = StripeStub::start().await;
+    let hub = start_hub(data.path(), secrets.path(), Some(&stub)).await;
+    subscribed_org(&hub, "acme", Some("price_pro")).await;
+    let subscription = wait_for(Duration::from_secs(20), "the stripe subscription", || async {
+        plans::subscription(&hub.hub, "acme").unwrap().filter(|s| s.stripe_price_synced.is_some()).and_then(|s| s.stripe_subscription_id)
+    })
+    .await;
+    let price_in_stripe = || stub.subscriptions().into_iter().find(|s| s["id"] == subscription.as_str()).unwrap()["items"]["data"][0]["price"]["id"].clone();
+    assert_eq!(price_in_stripe(), "price_pro");
+
+    // A new plan version with another Stripe price, and the org moved onto it.
+    let request: PlanRequest =
+        serde_json::from_value(json!({ "name": "Pro", "prices": { "currency": "USD", "base_minor": 2000 }, "stripe_price_id": "price_pro_2027" })).unwrap();
+    plans::put_plan(&hub.hub, "pro", request, "test", false).unwrap();
+    plans::subscribe(&hub.hub, "acme", "pro").unwrap();
+    wait_for(Duration::from_secs(20), "the new price in Stripe", || async { (price_in_stripe() == "price_pro_2027").then_some(()) }).await;
+    wait_for(Duration::from_secs(20), "the change recorded", || async {
+        (plans::subscription(&hub.hub, "acme").unwrap().unwrap().stripe_price_synced.as_deref() == Some("price_pro_2027")).then_some(())
+    })
+    .await;
+    assert_eq!(stub.changes(), (1, 0), "one price change, made once");
+
+    // Canceled in the hub: canceled in Stripe, once.
+    plans::force_status(&hub.hub, "acme", Status::Canceled).unwrap();
+    wait_for(Duration::from_secs(20), "the cancellation in Stripe", || async {
+        (stub.subscriptions().iter().any(|s| s["id"] == subscription.as_str() && s["status"] == "canceled")).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(20), "the cancellation recorded", || async {
+        plans::subscription(&hub.hub, "acme").unwrap().unwrap().stripe_canceled.then_some(())
+    })
+    .await;
+    assert_eq!(stub.changes(), (1, 1));
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn an_exporter_that_dies_after_stripe_answered_does_not_count_twice() {
     let (data, secrets) = (TempDir::new("stripe-crash"), TempDir::new("stripe-crash-secrets"));
     let stub = StripeStub::start().await;

@@ -159,6 +159,13 @@ pub struct Subscription {
     pub changes: Vec<PlanChange>,
     pub status_changed_at_ms: i64,
     pub created_at_ms: i64,
+    /// The Stripe price the Stripe subscription was last set to by the hub (a plan change
+    /// to a version with another price is pushed to Stripe when this differs).
+    #[serde(default)]
+    pub stripe_price_synced: Option<String>,
+    /// The Stripe subscription is known canceled in Stripe.
+    #[serde(default)]
+    pub stripe_canceled: bool,
     /// The latest Stripe events whose effect this subscription carries (at most
     /// [`APPLIED_EVENTS_KEPT`]), written with the effect so an event is never applied twice.
     #[serde(default)]
@@ -322,6 +329,8 @@ pub fn subscribe(hub: &Hub, org: &str, plan_id: &str) -> Result<Subscription, Pl
                     status_changed_at_ms: now,
                     created_at_ms: now,
                     applied_events: Vec::new(),
+                    stripe_price_synced: None,
+                    stripe_canceled: false,
                 }
             }
         })
@@ -430,6 +439,20 @@ pub fn force_status(hub: &Hub, org: &str, status: Status) -> Result<Subscription
             s.failed_payments = 0;
         }
     })
+}
+
+/// Record what the hub last made the Stripe subscription: its price, or that it is
+/// canceled.
+pub fn set_stripe_synced(hub: &Hub, org: &str, price: Option<String>, canceled: bool) -> Result<(), Error> {
+    hub.store.update_subscription(org, |current| {
+        let mut s = current.ok_or_else(|| Error::NotFound(format!("subscription of org {org}")))?;
+        if price.is_some() {
+            s.stripe_price_synced = price.clone();
+        }
+        s.stripe_canceled |= canceled;
+        Ok(s)
+    })?;
+    Ok(())
 }
 
 pub fn set_stripe_ids(hub: &Hub, org: &str, customer: Option<String>, subscription: Option<String>) -> Result<(), Error> {

@@ -376,6 +376,11 @@ impl Client {
         self.call(hyper::Method::POST, path, Some(form(params)), Some(idempotency_key)).await
     }
 
+    /// `DELETE path` (Stripe's cancel of a subscription).
+    pub async fn delete(&self, path: &str) -> Result<Value, CallError> {
+        self.call(hyper::Method::DELETE, path, None, None).await
+    }
+
     /// `GET path?query`.
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CallError> {
         let path = if query.is_empty() { path.to_string() } else { format!("{path}?{}", form(query)) };
@@ -441,7 +446,9 @@ pub fn sync_key(org: &str, action: &str, version: &str) -> String {
 
 /// Create the Stripe customer of every subscribed org that has none (metadata
 /// `gantry_org`), and a Stripe subscription when its plan names a Stripe price. Ids are
-/// stored on the subscription. Before creating, Stripe is searched for an object already
+/// stored on the subscription. A plan change to a version with another Stripe price moves
+/// the Stripe subscription's item to it (Stripe prorates), and a subscription canceled in
+/// the hub is canceled in Stripe. Before creating, Stripe is searched for an object already
 /// tagged with the org (made by an earlier run that died before storing its id, perhaps
 /// more than 24 h ago when the idempotency key no longer protects), which is adopted. One org's failure is logged and the others go on; a 429
 /// stops the pass and is returned.
@@ -453,8 +460,9 @@ pub async fn sync(hub: &Hub, client: &Client) -> Result<(), CallError> {
             return Ok(());
         }
     };
-    for s in subscriptions.into_iter().filter(|s| s.status != Status::Canceled) {
-        match sync_org(hub, client, &s).await {
+    for s in subscriptions.into_iter().filter(|s| s.status != Status::Canceled || (s.stripe_subscription_id.is_some() && !s.stripe_canceled)) {
+        let synced = if s.status == Status::Canceled { cancel_subscription(hub, client, &s).await } else { sync_org(hub, client, &s).await };
+        match synced {
             Err(CallError::RateLimited(wait)) => return Err(CallError::RateLimited(wait)),
             Err(error) => tracing::warn!(org = %s.org, %error, "stripe sync failed"),
             Ok(()) => {}
@@ -478,20 +486,54 @@ async fn sync_org(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result
             id
         }
     };
-    if s.stripe_subscription_id.is_some() {
-        return Ok(());
-    }
     let plan = hub.store.plan_version(&s.plan_id, s.plan_version).map_err(store_error)?;
     let Some(price) = plan.and_then(|p| p.stripe_price_id) else { return Ok(()) };
-    let params = [("customer", customer), ("items[0][price]", price), ("metadata[gantry_org]", s.org.clone())];
     let version = format!("{}-v{}", s.plan_id, s.plan_version);
+    if let Some(id) = &s.stripe_subscription_id {
+        if s.stripe_price_synced.as_deref() == Some(price.as_str()) {
+            return Ok(());
+        }
+        return change_price(hub, client, &s.org, id, &price, &version).await;
+    }
+    let params = [("customer", customer), ("items[0][price]", price.clone()), ("metadata[gantry_org]", s.org.clone())];
     let id = match find_tagged(client, "subscriptions", &s.org).await? {
         Some(id) => id,
         None => id_of(&client.post("/v1/subscriptions", &params, &sync_key(&s.org, "subscription", &version)).await?)?,
     };
     plans::set_stripe_ids(hub, &s.org, None, Some(id.clone())).map_err(store_error)?;
     tracing::info!(org = %s.org, subscription = %id, "stripe subscription created");
+    // An adopted subscription may be on an older price: the next pass compares.
+    let current = client.get(&format!("/v1/subscriptions/{id}"), &[]).await?;
+    let on = current.pointer("/items/data/0/price/id").and_then(Value::as_str).map(str::to_string);
+    plans::set_stripe_synced(hub, &s.org, on, false).map_err(store_error)?;
     Ok(())
+}
+
+/// Move the Stripe subscription's (single) item to `price`: read the item first, so a
+/// subscription already on it (changed by an earlier pass that died before recording it)
+/// is only recorded.
+async fn change_price(hub: &Hub, client: &Client, org: &str, id: &str, price: &str, version: &str) -> Result<(), CallError> {
+    let store_error = |e: store::Error| CallError::Transport(format!("storing stripe sync state: {e}"));
+    let current = client.get(&format!("/v1/subscriptions/{id}"), &[]).await?;
+    let item = current.pointer("/items/data/0/id").and_then(Value::as_str).ok_or_else(|| CallError::Transport(format!("subscription {id} has no item")))?;
+    if current.pointer("/items/data/0/price/id").and_then(Value::as_str) != Some(price) {
+        let params = [("items[0][id]", item.to_string()), ("items[0][price]", price.to_string()), ("proration_behavior", "create_prorations".to_string())];
+        client.post(&format!("/v1/subscriptions/{id}"), &params, &sync_key(org, "price", version)).await?;
+        tracing::info!(%org, subscription = %id, %price, "stripe subscription moved to the plan's new price");
+    }
+    plans::set_stripe_synced(hub, org, Some(price.to_string()), false).map_err(store_error)
+}
+
+/// Cancel in Stripe a subscription canceled in the hub (unless Stripe has it canceled
+/// already, e.g. it told the hub so).
+async fn cancel_subscription(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result<(), CallError> {
+    let Some(id) = &s.stripe_subscription_id else { return Ok(()) };
+    let current = client.get(&format!("/v1/subscriptions/{id}"), &[]).await?;
+    if current.get("status").and_then(Value::as_str) != Some("canceled") {
+        client.delete(&format!("/v1/subscriptions/{id}")).await?;
+        tracing::info!(org = %s.org, subscription = %id, "stripe subscription canceled");
+    }
+    plans::set_stripe_synced(hub, &s.org, None, true).map_err(|e| CallError::Transport(format!("storing stripe sync state: {e}")))
 }
 
 /// The id of a Stripe object of `kind` (`customers`, `subscriptions`) whose metadata
