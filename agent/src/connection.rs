@@ -109,10 +109,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let origin = Instant::now();
     let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
     let mut failures: u64 = 0;
+    let workers = Workers { outbox: &outbox, deployer: &deployer, checks: &checks };
     tokio::pin!(shutdown);
     loop {
         let ended = tokio::select! {
-            ended = connect_once(&config, &state, &identity, &hub_addr, origin, &mut endpoint, &outbox, &deployer, &checks) => ended,
+            ended = connect_once(&config, &state, &identity, &hub_addr, origin, &mut endpoint, &workers) => ended,
             _ = &mut shutdown => Ended::Shutdown,
         };
         match ended {
@@ -197,6 +198,14 @@ pub fn renewal_time(not_before: i64, not_after: i64, fraction: f64, random: u64)
     not_before + (life * fraction + jitter) as i64
 }
 
+/// The agent's long-lived parts that every session feeds and is fed by.
+#[derive(Clone, Copy)]
+struct Workers<'a> {
+    outbox: &'a Outbox,
+    deployer: &'a crate::deployer::Deployer,
+    checks: &'a crate::checks::Checks,
+}
+
 async fn connect_once(
     config: &Config,
     state: &StateDir,
@@ -204,9 +213,7 @@ async fn connect_once(
     hub_addr: &str,
     origin: Instant,
     endpoint_slot: &mut Option<(SocketAddr, quinn::Endpoint)>,
-    outbox: &Outbox,
-    deployer: &crate::deployer::Deployer,
-    checks: &crate::checks::Checks,
+    workers: &Workers<'_>,
 ) -> Ended {
     let lost = |reason: String| Ended::Lost { reason, established: false };
     let (chain, key) = match state.load_credentials() {
@@ -256,7 +263,7 @@ async fn connect_once(
         Err(_) => return lost(format!("no answer from {remote} within {} s", config.connect_timeout_secs)),
     };
     let renew_at = renewal_time(not_before, not_after, config.renew_at_fraction, rand::random());
-    session(config, state, identity, connection, origin, renew_at, outbox, deployer, checks).await
+    session(config, state, identity, connection, origin, renew_at, workers).await
 }
 
 /// Map how the hub closed a connection to what the loop does next.
@@ -288,12 +295,17 @@ async fn session(
     connection: quinn::Connection,
     origin: Instant,
     mut renew_at: i64,
-    outbox: &Outbox,
-    deployer: &crate::deployer::Deployer,
-    checks: &crate::checks::Checks,
+    workers: &Workers<'_>,
 ) -> Ended {
+    let Workers { outbox, deployer, checks } = *workers;
     let mut senders = tokio::task::JoinSet::new();
     let mut reports = deployer.subscribe();
+    // Support actions run in tasks of their own (ended with the session) and hand their
+    // results back through this channel.
+    let support =
+        crate::support::Support::new(crate::support::diagnostics::Sources { config: config.clone(), outbox: outbox.clone(), deployer: deployer.clone() });
+    let mut actions = tokio::task::JoinSet::new();
+    let (results_tx, mut results) = tokio::sync::mpsc::channel::<gantry_shared::support::ActionReply>(crate::support::MAX_RUNNING);
     let (send, recv) = match connection.open_bi().await {
         Ok(streams) => streams,
         Err(error) => return classify_close(&error, identity, false),
@@ -366,6 +378,18 @@ async fn session(
                     }
                 }
                 SessionEvent::Message(HubMessage::Checks(set)) => checks.submit(set),
+                SessionEvent::Message(HubMessage::Action(request)) => {
+                    while actions.try_join_next().is_some() {}
+                    if actions.len() >= crate::support::MAX_RUNNING {
+                        session.queue(AgentMessage::ActionResult(Box::new(crate::support::Support::busy(&request))));
+                    } else {
+                        let (support, results_tx) = (support.clone(), results_tx.clone());
+                        actions.spawn(async move {
+                            let reply = support.handle(*request).await;
+                            let _ = results_tx.send(reply).await;
+                        });
+                    }
+                }
                 SessionEvent::Message(other) => debug!(message = ?other, "message not handled by this agent version"),
             }
         }
@@ -410,6 +434,7 @@ async fn session(
                     session.queue(AgentMessage::DeployReport(report));
                 }
             }
+            Some(reply) = results.recv() => session.queue(AgentMessage::ActionResult(Box::new(reply))),
             error = connection.closed() => return classify_close(&error, identity, established),
         }
     }

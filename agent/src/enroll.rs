@@ -6,6 +6,7 @@
 use crate::state::{Identity, StateDir};
 use gantry_shared::message::{AgentMessage, EnrollRefusal, EnrollRequest, HostFacts, HubMessage};
 use gantry_shared::token::{EnrollmentToken, TokenError};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -37,6 +38,17 @@ pub struct Enrollment {
 
 /// Enroll with `token_text`, saving the identity in `state`.
 pub async fn enroll(token_text: &str, state: &StateDir, force: bool, timeout: Duration) -> Result<Enrollment, EnrollError> {
+    enroll_with_labels(token_text, state, force, timeout, Vec::new()).await
+}
+
+/// [`enroll`], asking the hub for `labels` besides the token's own (the token's win).
+pub async fn enroll_with_labels(
+    token_text: &str,
+    state: &StateDir,
+    force: bool,
+    timeout: Duration,
+    labels: Vec<(String, String)>,
+) -> Result<Enrollment, EnrollError> {
     let token = EnrollmentToken::parse(token_text)?;
     if state.is_enrolled() && !force {
         let agent_id = state.load_identity().map(|i| i.agent_id).unwrap_or_else(|_| "an unknown agent".into());
@@ -44,7 +56,8 @@ pub async fn enroll(token_text: &str, state: &StateDir, force: bool, timeout: Du
     }
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| anyhow::anyhow!("generating a key pair: {e}"))?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key).map_err(|e| anyhow::anyhow!("making a certificate signing request: {e}"))?;
-    let request = EnrollRequest { token_id: token.id.clone(), token_secret: token.secret.clone(), csr_der: csr.der().to_vec(), facts: crate::facts::collect() };
+    let request =
+        EnrollRequest { token_id: token.id.clone(), token_secret: token.secret.clone(), csr_der: csr.der().to_vec(), facts: crate::facts::collect(), labels };
     let reply = exchange(&token, request, timeout).await?;
     let enrolled = match reply {
         HubMessage::Enrolled(enrolled) => enrolled,
@@ -69,11 +82,36 @@ pub async fn enroll(token_text: &str, state: &StateDir, force: bool, timeout: Du
 }
 
 async fn exchange(token: &EnrollmentToken, request: EnrollRequest, timeout: Duration) -> Result<HubMessage, EnrollError> {
+    let silent = format!("no answer within {} s", timeout.as_secs());
+    with_hub(token, timeout, &silent, |connection, _, _| async move {
+        let unreachable = |reason: String| EnrollError::Unreachable { addr: token.hub_addr.clone(), reason };
+        let (send, recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+        let mut send = crate::wire::FramedSend::new(send, gantry_shared::frame::DEFAULT_MAX_FRAME_BYTES);
+        let mut recv = crate::wire::FramedRecv::new(recv, gantry_shared::frame::DEFAULT_MAX_FRAME_BYTES);
+        send.send(&AgentMessage::Enroll(request)).await.map_err(|e| EnrollError::Protocol(e.to_string()))?;
+        let _ = send.finish();
+        let reply = recv.next::<HubMessage>().await.map_err(|e| EnrollError::Protocol(e.to_string()))?;
+        connection.close(0u32.into(), b"enrollment done");
+        reply.ok_or_else(|| EnrollError::Protocol("hub closed the stream without answering".into()))
+    })
+    .await
+}
+
+/// Connect to the hub `token` names, verifying it by the CA fingerprint the token pins, and
+/// run `talk` on the connection (given the resolved address and how long the handshake
+/// took), all within `timeout`; `silent` is the reason given when that runs out. The
+/// endpoint is idle when this returns.
+pub(crate) async fn with_hub<T, F, Fut>(token: &EnrollmentToken, timeout: Duration, silent: &str, talk: F) -> Result<T, EnrollError>
+where
+    F: FnOnce(quinn::Connection, SocketAddr, Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<T, EnrollError>>,
+{
     let addr = token.hub_addr.clone();
     let unreachable = |reason: String| EnrollError::Unreachable { addr: addr.clone(), reason };
     let remote = crate::connection::resolve(&addr).await.map_err(|e| unreachable(format!("{e:#}")))?;
     let (client_config, mismatch) = crate::tls::client_config(token.ca_sha256, None)?;
     let endpoint = crate::connection::client_endpoint(remote)?;
+    let started = std::time::Instant::now();
     let attempt = async {
         let connecting = endpoint.connect_with(client_config, remote, gantry_shared::HUB_SERVER_NAME).map_err(|e| unreachable(e.to_string()))?;
         let connection = connecting.await.map_err(|e| {
@@ -83,18 +121,11 @@ async fn exchange(token: &EnrollmentToken, request: EnrollRequest, timeout: Dura
                 unreachable(e.to_string())
             }
         })?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-        let mut send = crate::wire::FramedSend::new(send, gantry_shared::frame::DEFAULT_MAX_FRAME_BYTES);
-        let mut recv = crate::wire::FramedRecv::new(recv, gantry_shared::frame::DEFAULT_MAX_FRAME_BYTES);
-        send.send(&AgentMessage::Enroll(request)).await.map_err(|e| EnrollError::Protocol(e.to_string()))?;
-        let _ = send.finish();
-        let reply = recv.next::<HubMessage>().await.map_err(|e| EnrollError::Protocol(e.to_string()))?;
-        connection.close(0u32.into(), b"enrollment done");
-        reply.ok_or_else(|| EnrollError::Protocol("hub closed the stream without answering".into()))
+        talk(connection, remote, started.elapsed()).await
     };
     let result = match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(unreachable(format!("no answer within {} s", timeout.as_secs()))),
+        Err(_) => Err(unreachable(silent.to_string())),
     };
     endpoint.wait_idle().await;
     result

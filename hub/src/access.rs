@@ -25,10 +25,13 @@ pub enum Perm {
     Billing,
     /// Grant or take away the Owner role.
     Owner,
+    /// Run commands on agents' hosts and in their containers (remote exec), where the org
+    /// has enabled it.
+    Exec,
 }
 
 impl Perm {
-    const ALL: [Perm; 5] = [Perm::Read, Perm::Deploy, Perm::Admin, Perm::Billing, Perm::Owner];
+    const ALL: [Perm; 6] = [Perm::Read, Perm::Deploy, Perm::Admin, Perm::Billing, Perm::Owner, Perm::Exec];
 
     fn bit(self) -> u8 {
         1 << (self as u8)
@@ -41,6 +44,7 @@ impl Perm {
             Perm::Admin => "admin",
             Perm::Billing => "billing",
             Perm::Owner => "owner",
+            Perm::Exec => "exec",
         }
     }
 }
@@ -87,7 +91,7 @@ impl Perms {
 pub enum Role {
     /// Everything in the org, including who owns it.
     Owner,
-    /// Everything but billing and the Owner role.
+    /// Everything but billing and the Owner role (remote exec included).
     Admin,
     /// Reads, and ships deployments.
     Deployer,
@@ -103,7 +107,7 @@ impl Role {
     pub fn perms(self) -> Perms {
         match self {
             Role::Owner => Perms::all(),
-            Role::Admin => Perms::of(&[Perm::Read, Perm::Deploy, Perm::Admin]),
+            Role::Admin => Perms::of(&[Perm::Read, Perm::Deploy, Perm::Admin, Perm::Exec]),
             Role::Deployer => Perms::of(&[Perm::Read, Perm::Deploy]),
             Role::Viewer => Perms::of(&[Perm::Read]),
             Role::Billing => Perms::of(&[Perm::Billing]),
@@ -149,8 +153,8 @@ pub enum Scope {
     Read,
     /// Read, and deploy.
     Deploy,
-    /// Read, deploy and administer; the Owner role too when the key's creator holds it
-    /// (a key never exceeds its creator).
+    /// Read, deploy and administer, remote exec included; the Owner role too when the
+    /// key's creator holds it (a key never exceeds its creator).
     Admin,
     /// Usage, plans and invoices.
     Billing,
@@ -163,7 +167,7 @@ impl Scope {
         match self {
             Scope::Read => Perms::of(&[Perm::Read]),
             Scope::Deploy => Perms::of(&[Perm::Read, Perm::Deploy]),
-            Scope::Admin => Perms::of(&[Perm::Read, Perm::Deploy, Perm::Admin, Perm::Owner]),
+            Scope::Admin => Perms::of(&[Perm::Read, Perm::Deploy, Perm::Admin, Perm::Owner, Perm::Exec]),
             Scope::Billing => Perms::of(&[Perm::Billing]),
         }
     }
@@ -243,6 +247,8 @@ mod tests {
         assert!(!Role::Deployer.perms().has(Perm::Admin));
         assert!(!Role::Admin.perms().has(Perm::Billing), "billing is the Owner's and the Billing role's");
         assert!(!Role::Admin.perms().has(Perm::Owner));
+        assert!(Role::Admin.perms().has(Perm::Exec) && Role::Owner.perms().has(Perm::Exec));
+        assert!(!Role::Deployer.perms().has(Perm::Exec) && !Role::Viewer.perms().has(Perm::Exec), "exec is for owners and admins only");
         assert_eq!(Role::Billing.perms(), Perms::of(&[Perm::Billing]), "Billing sees usage and invoices only");
         assert_eq!(Role::Owner.perms(), Perms::all());
     }

@@ -314,6 +314,23 @@ pub fn ledger_conditions(conflicts: &[crate::store::LedgerConflict]) -> Vec<Cond
         .collect()
 }
 
+/// `backup_failed`: the latest scheduled backup failed. Critical (a restore would lose
+/// everything since the last good one); it holds until a scheduled backup succeeds.
+pub fn backup_conditions(status: &crate::backup::BackupStatus) -> Vec<Condition> {
+    if !status.failing() {
+        return Vec::new();
+    }
+    vec![Condition {
+        key: "backup_failed".to_string(),
+        rule: "backup_failed",
+        severity: "critical",
+        summary: format!("scheduled backup failed: {}", status.last_error.as_deref().unwrap_or("unknown error")),
+        agent: None,
+        check: None,
+        deployment: None,
+    }]
+}
+
 /// Reconcile one org's open alerts with the conditions that hold now.
 pub fn evaluate_org(hub: &Hub, org: &str, now_ms: i64) -> Result<(), crate::store::Error> {
     let rules = hub.store.alert_rules(org)?;
@@ -399,6 +416,9 @@ pub fn evaluate(hub: &Hub, now_ms: i64) -> Result<(), crate::store::Error> {
         if let Err(error) = evaluate_org(hub, &org.id, now_ms) {
             warn!(%error, org = %org.id, "alert evaluation failed");
         }
+    }
+    if let Err(error) = crate::backup::evaluate_alerts(hub, now_ms) {
+        warn!(%error, "hub alert evaluation failed");
     }
     Ok(())
 }

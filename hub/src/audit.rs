@@ -2,7 +2,8 @@
 //!
 //! One middleware ([`record_requests`]) gives every HTTP response an `x-request-id` and,
 //! after the handler ran, records each state-changing request (POST, PUT, PATCH, DELETE
-//! under `/api/v1/`, plus the dashboard's login and logout forms): the caller as the
+//! under `/api/v1/`, plus the dashboard's login and logout forms, and the org export, a
+//! read of everything): the caller as the
 //! `Principal` extractor resolved it (it notes the principal in a [`PrincipalSlot`] the
 //! middleware put in the request), the org of the path (looked up for agent and deployment
 //! routes), the route template, the path parameters, the status, the request id and the
@@ -10,8 +11,10 @@
 //! ever recorded. [`deploy_report`] records what agents report back on deployments the hub
 //! ordered.
 //!
-//! Handlers do not call this module: adding a route audits it. The entries themselves,
-//! their chain and its verification live in `store::audit`.
+//! Handlers do not call this module: adding a route audits it. A handler may only add
+//! facts the path does not carry (a support action's command and exit code) by putting an
+//! [`AuditDetail`] in its response's extensions; they join the entry's target. The entries
+//! themselves, their chain and its verification live in `store::audit`.
 
 use crate::auth::{self, Principal};
 use crate::store::{self, AuditVerdict, NewAuditEntry};
@@ -44,6 +47,11 @@ const LOGIN_ROUTES: [&str; 2] = ["/api/v1/auth/login", "/login"];
 /// gone after).
 const LOGOUT_ROUTES: [&str; 2] = ["/api/v1/auth/logout", "/logout"];
 
+/// Facts a handler adds to its request's audit entry (in the response's extensions),
+/// e.g. `command` and `exit_code` of a remote exec. Keys never replace path parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditDetail(pub BTreeMap<String, String>);
+
 /// The id the hub gave a request, in the request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
@@ -66,11 +74,23 @@ pub fn note_principal(extensions: &Extensions, principal: &Principal) {
     }
 }
 
-/// Whether a request is recorded: state-changing methods on the API and the login and
-/// logout forms.
+/// Dashboard form actions (see `api::pages` and `api::pages_admin`) that change state like
+/// API calls do.
+const DASHBOARD_FORM_PREFIXES: [&str; 5] = ["/orgs", "/deployments/", "/plans", "/agents/", "/enrollment"];
+
+/// Whether a request is recorded: state-changing methods on the API, the login and
+/// logout forms, and the dashboard's form actions.
 pub fn is_audited(method: &Method, path: &str) -> bool {
     let changes_state = matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
-    changes_state && (path.starts_with("/api/v1/") || LOGIN_ROUTES.contains(&path) || LOGOUT_ROUTES.contains(&path))
+    let dashboard_form = DASHBOARD_FORM_PREFIXES.iter().any(|prefix| path.starts_with(prefix));
+    let bulk_read = *method == Method::GET && is_org_export(path);
+    bulk_read || (changes_state && (path.starts_with("/api/v1/") || LOGIN_ROUTES.contains(&path) || LOGOUT_ROUTES.contains(&path) || dashboard_form))
+}
+
+/// `GET /api/v1/orgs/{org}/export`: a read, but one that hands out all of an org's data,
+/// so it is recorded like a change.
+fn is_org_export(path: &str) -> bool {
+    path.strip_prefix("/api/v1/orgs/").and_then(|rest| rest.strip_suffix("/export")).is_some_and(|org| !org.is_empty() && !org.contains('/'))
 }
 
 /// The login form and JSON body, reduced to the one field the audit log keeps.
@@ -159,6 +179,11 @@ async fn record_request(hub: &Arc<Hub>, request: Request, next: axum::middleware
         (None, None) => (ANONYMOUS.to_string(), ANONYMOUS),
     };
     let mut target = params;
+    if let Some(detail) = response.extensions().get::<AuditDetail>() {
+        for (key, value) in &detail.0 {
+            target.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
     if let Some(id) = created {
         target.entry("id".to_string()).or_insert(id);
     }
@@ -207,8 +232,10 @@ fn org_of(hub: &Hub, template: &str, target: &BTreeMap<String, String>, principa
     }
     let id = target.get("id");
     let found = match id {
-        Some(id) if template.starts_with("/api/v1/agents/{id}") => hub.store.agent(id).ok().flatten().map(|a| a.org),
-        Some(id) if template.starts_with("/api/v1/deployments/{id}") => hub.store.deployment(id).ok().flatten().map(|d| d.org),
+        Some(id) if template.starts_with("/api/v1/agents/{id}") || template.starts_with("/agents/{id}") => hub.store.agent(id).ok().flatten().map(|a| a.org),
+        Some(id) if template.starts_with("/api/v1/deployments/{id}") || template.starts_with("/deployments/{id}") => {
+            hub.store.deployment(id).ok().flatten().map(|d| d.org)
+        }
         Some(id) if template == "/api/v1/orgs" => Some(id.clone()),
         _ => None,
     };

@@ -1,5 +1,5 @@
 //! Command line of `gantry-hub`: `init`, `serve`, `quickstart`, `token create`, `deploy`,
-//! `audit verify` and `billing export`.
+//! `audit verify`, `billing export`, `backup`, `restore` and `rotate-key`.
 //!
 //! Parses flags, loads the config once, sets up logging and calls the library. `token
 //! create` talks to a running hub over its HTTP API (the store is locked by the server), with
@@ -76,6 +76,70 @@ enum Command {
         #[command(subcommand)]
         command: BillingCommand,
     },
+    /// Take an encrypted backup of the running hub (store and key material), through its
+    /// API (`POST /api/v1/backups`), into a file.
+    Backup {
+        /// File to write (replaced only once the whole backup arrived and its checksum
+        /// matched).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        secret: BackupSecretFlags,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Restore a backup into an empty or new data directory (the hub must not be running
+    /// on it); then start `gantry-hub serve` on it.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Data directory to restore into: missing or empty.
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        secret: BackupSecretFlags,
+    },
+    /// Rotate the key that seals secrets at rest, on the running hub: a new key version,
+    /// then every sealed value re-encrypted with it.
+    RotateKey {
+        /// Only add the new version; old values stay on theirs until a later
+        /// `rotate-key --reencrypt-only`.
+        #[arg(long, conflicts_with = "reencrypt_only")]
+        no_reencrypt: bool,
+        /// Do not add a version; move every sealed value to the newest one.
+        #[arg(long)]
+        reencrypt_only: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// What a backup is encrypted with: a passphrase file, a key file, or
+/// `GANTRY_BACKUP_PASSPHRASE`.
+#[derive(Debug, Args, Clone)]
+struct BackupSecretFlags {
+    /// File holding the passphrase (one line, at least 12 characters).
+    #[arg(long, conflicts_with = "key_file")]
+    passphrase_file: Option<PathBuf>,
+    /// File of at least 32 random bytes, instead of a passphrase.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+impl BackupSecretFlags {
+    fn secret(&self) -> anyhow::Result<crate::backup::BackupSecret> {
+        let secret = match (&self.passphrase_file, &self.key_file) {
+            (Some(path), _) => crate::backup::BackupSecret::passphrase_file(path)?,
+            (None, Some(path)) => crate::backup::BackupSecret::key_file(path)?,
+            (None, None) => match env("GANTRY_BACKUP_PASSPHRASE") {
+                Some(passphrase) => crate::backup::BackupSecret::Passphrase(passphrase),
+                None => anyhow::bail!("give --passphrase-file, --key-file or GANTRY_BACKUP_PASSPHRASE"),
+            },
+        };
+        secret.validate().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(secret)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +330,44 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             std::io::stdout().write_all(&bytes).context("writing the export")?;
             Ok(())
         }
+        Command::Backup { out, secret, remote } => backup_to_file(&out, &secret.secret()?, &remote).await,
+        Command::Restore { from, data, secret } => {
+            let secret = secret.secret()?;
+            let restored = tokio::task::spawn_blocking(move || crate::backup::restore(&from, &secret, &data).map(|r| (r, data))).await??;
+            let (restored, data) = restored;
+            let m = &restored.manifest;
+            println!(
+                "restored {} records, {} telemetry segment file(s) and {} key file(s) into {} (backup of {}, SHA-256 {})",
+                m.records,
+                m.segment_files,
+                m.files.len(),
+                data.display(),
+                crate::api::rfc3339(m.created_at_ms),
+                restored.sha256
+            );
+            println!("CA {} (agents keep their certificates); start it with: gantry-hub serve --data {}", m.ca_sha256, data.display());
+            Ok(())
+        }
+        Command::RotateKey { no_reencrypt, reencrypt_only, remote } => {
+            let key = remote.key()?;
+            let reply = if reencrypt_only {
+                http_json("POST", &remote.url, "/api/v1/secrets-key/reencrypt", &key, None).await?
+            } else {
+                let body = serde_json::json!({ "reencrypt": !no_reencrypt });
+                let reply = http_json("POST", &remote.url, "/api/v1/secrets-key/rotate", &key, Some(&body)).await?;
+                println!("secrets key version {} is now current", reply["version"]);
+                reply
+            };
+            if reply["reencrypted"].is_object() {
+                let r = &reply["reencrypted"];
+                println!("re-encrypted {} value(s); {} already current; {} failed", r["resealed"], r["current"], r["failed"]);
+            }
+            println!("sealed values by key version: {}; on older versions: {}", reply["status"]["values_by_version"], reply["status"]["stale"]);
+            if reply["reencrypted"]["failed"].as_u64().unwrap_or(0) > 0 {
+                anyhow::bail!("some values could not be re-encrypted; see the hub's log");
+            }
+            Ok(())
+        }
         Command::Audit { command: AuditCommand::Verify { data } } => {
             println!("{}", crate::audit::verify_data_dir(&data)?);
             Ok(())
@@ -290,6 +392,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("token {} for org {org}, {uses} use(s), expires {}", reply["id"].as_str().unwrap_or(""), reply["expires_at"].as_str().unwrap_or(""));
             println!("{token}");
             println!("enroll a machine with:\n  gantry-agent enroll --token {token} && gantry-agent run");
+            if let Some(install) = reply["install_command"].as_str() {
+                println!("or install the agent there with one command:\n  {install}");
+            }
             Ok(())
         }
     }
@@ -513,6 +618,68 @@ fn print_quickstart(hub: &Arc<Hub>, login: &(String, Option<String>), token: &st
     println!();
     println!("Enroll another machine (token valid 24 h, 10 uses):");
     println!("  gantry-agent enroll --token {token} && gantry-agent run");
+    println!("or install the agent there with one command:");
+    println!("  curl -fsSL {url}/install.sh | sudo sh -s -- --token {token}");
     println!();
     println!("Press Ctrl-C to stop.");
+}
+
+/// `gantry-hub backup`: stream the running hub's backup into `FILE.partial`, check its
+/// checksum against the one the hub announced, then rename it to `out`.
+async fn backup_to_file(out: &Path, secret: &crate::backup::BackupSecret, remote: &Remote) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::AsyncWriteExt;
+    let body = match secret {
+        crate::backup::BackupSecret::Passphrase(passphrase) => serde_json::json!({ "passphrase": passphrase }),
+        crate::backup::BackupSecret::KeyFile(bytes) => serde_json::json!({ "key_file_base64": data_encoding::BASE64.encode(bytes) }),
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let uri = format!("{}/api/v1/backups", remote.url.trim_end_matches('/'));
+    anyhow::ensure!(uri.starts_with("http://"), "only http:// hub URLs are supported by this command: {uri}");
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(&uri)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", remote.key()?))
+        .body(Full::new(bytes::Bytes::from(serde_json::to_vec(&body)?)))?;
+    // The hub answers once the snapshot is written, which takes longer for a big store.
+    let response = tokio::time::timeout(Duration::from_secs(3600), client.request(request))
+        .await
+        .context("no answer from the hub within an hour")?
+        .with_context(|| format!("cannot reach the hub at {}", remote.url))?;
+    let status = response.status();
+    let announced = response.headers().get("x-backup-sha256").and_then(|v| v.to_str().ok()).map(String::from);
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await?.to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        anyhow::bail!("hub answered {status}: {}", value["error"]["message"].as_str().unwrap_or("no details"));
+    }
+    let partial = out.with_extension("partial");
+    let mut file = tokio::fs::File::create(&partial).await.with_context(|| format!("creating {}", partial.display()))?;
+    let written = async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.context("the backup stream broke off")?.into_data() {
+                file.write_all(&data).await?;
+            }
+        }
+        file.sync_all().await?;
+        let path = partial.clone();
+        let sha256 = tokio::task::spawn_blocking(move || crate::backup::verify_checksum(&path)).await??;
+        anyhow::ensure!(announced.as_deref() == Some(sha256.as_str()), "the backup received does not match the checksum the hub announced");
+        tokio::fs::rename(&partial, out).await.with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+        Ok::<_, anyhow::Error>(sha256)
+    }
+    .await;
+    match written {
+        Ok(sha256) => {
+            let bytes = tokio::fs::metadata(out).await.map(|m| m.len()).unwrap_or(0);
+            println!("backup written to {} ({bytes} bytes, SHA-256 {sha256})", out.display());
+            Ok(())
+        }
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            Err(error)
+        }
+    }
 }

@@ -91,8 +91,10 @@ pub struct Config {
     pub store_cache_mib: u64,
     /// File holding the key that encrypts org secrets and registry passwords in the store
     /// (32 bytes, mode 0600). Defaults to `DATA/pki/secrets.key`; created while the store
-    /// holds no sealed value. Keep it out of store backups (or back it up apart): without
-    /// it the secrets cannot be read, and a different key makes the hub refuse to start.
+    /// holds no sealed value; rotations add versions beside it (`.v2`, …). `gantry-hub
+    /// backup` includes every version, encrypted with the backup's passphrase; a plain copy
+    /// of the store does not: without the key the secrets cannot be read, and a different
+    /// key makes the hub refuse to start.
     /// Env `GANTRY_SECRETS_KEY_FILE`.
     pub secrets_key_file: Option<PathBuf>,
     /// Delay before the first retry of a failed webhook delivery, in milliseconds (default
@@ -110,6 +112,15 @@ pub struct Config {
     /// Stripe: customer and subscription sync, usage as meter events, payment webhooks.
     /// Off unless a secret key is given (README, "Stripe").
     pub stripe: StripeConfig,
+    /// The agent installer: the builds served at `/downloads/` for `install.sh`, and the
+    /// host requirements its preflight checks (README, "Install an agent").
+    pub installer: crate::install::InstallerConfig,
+    /// The operator theme: product name, colours and logo of the hub's dashboard, also
+    /// shown to orgs without a brand of their own (README, "Dashboard").
+    pub theme: crate::branding::ThemeConfig,
+    /// Scheduled backups (README, "Backup, restore and key rotation"). Off unless `dir`
+    /// is set.
+    pub backup: crate::backup::BackupConfig,
 }
 
 /// Default Stripe API base URL.
@@ -468,6 +479,9 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             tls: TlsConfig::default(),
             stripe: StripeConfig::default(),
+            installer: crate::install::InstallerConfig::default(),
+            theme: crate::branding::ThemeConfig::default(),
+            backup: crate::backup::BackupConfig::default(),
         }
     }
 }
@@ -623,6 +637,8 @@ impl Config {
         }
         errors.extend(self.rate_limit.validate());
         errors.extend(self.tls.validate());
+        errors.extend(self.theme.validate());
+        errors.extend(self.backup.validate());
         errors
     }
 

@@ -273,6 +273,9 @@ async fn session(hub: Arc<Hub>, connection: quinn::Connection, identity: crate::
                 HubEvent::Message(AgentMessage::DeployReport(report)) => {
                     crate::orchestrator::report(&hub, &agent_id, &identity.org, report);
                 }
+                HubEvent::Message(AgentMessage::ActionResult(reply)) => {
+                    hub.registry.resolve(&agent_id, conn_id, *reply);
+                }
                 HubEvent::Message(other) => {
                     debug!(message = ?std::mem::discriminant(&other), "message not handled by this hub version");
                 }

@@ -110,6 +110,7 @@ fn refusal_label(refusal: &EnrollRefusal) -> &'static str {
         EnrollRefusal::OrgAtAgentLimit { .. } => "org_limit",
         EnrollRefusal::OrgRefused { .. } => "org_refused",
         EnrollRefusal::InvalidCsr { .. } => "malformed",
+        EnrollRefusal::InvalidLabels { .. } => "malformed",
         EnrollRefusal::Internal => "error",
     }
 }
@@ -144,6 +145,7 @@ fn enroll_inner(hub: &Hub, request: &EnrollRequest) -> Result<Enrolled, EnrollRe
     if !bool::from(presented.as_bytes().ct_eq(token.secret_sha256.as_bytes())) {
         return Err(EnrollRefusal::UnknownToken);
     }
+    let labels = merge_labels(&token.labels, &request.labels).map_err(|reason| EnrollRefusal::InvalidLabels { reason })?;
     let agent_id = format!("agt_{}", random_hex(8));
     let lifetime = Duration::from_secs(hub.config.agent_cert_lifetime_secs);
     let cert = hub.pki.sign_agent_csr(&request.csr_der, &agent_id, &token.org, lifetime).map_err(|reason| EnrollRefusal::InvalidCsr { reason })?;
@@ -152,7 +154,7 @@ fn enroll_inner(hub: &Hub, request: &EnrollRequest) -> Result<Enrolled, EnrollRe
     let agent = Agent {
         id: agent_id.clone(),
         org: token.org.clone(),
-        labels: token.labels.clone(),
+        labels: labels.clone(),
         hostname: truncate(&facts.hostname, 253),
         os: truncate(&facts.os, 128),
         kernel: truncate(&facts.kernel, 128),
@@ -167,13 +169,9 @@ fn enroll_inner(hub: &Hub, request: &EnrollRequest) -> Result<Enrolled, EnrollRe
         ..Agent::default()
     };
     match hub.store.enroll(&token.id, now, &agent).map_err(internal)? {
-        Ok(_) => Ok(Enrolled {
-            agent_id,
-            org: token.org,
-            cert_chain_der: vec![cert.der, hub.pki.ca_der().to_vec()],
-            not_after_unix: cert.not_after_unix,
-            labels: token.labels,
-        }),
+        Ok(_) => {
+            Ok(Enrolled { agent_id, org: token.org, cert_chain_der: vec![cert.der, hub.pki.ca_der().to_vec()], not_after_unix: cert.not_after_unix, labels })
+        }
         Err(EnrollError::UnknownToken) => Err(EnrollRefusal::UnknownToken),
         Err(EnrollError::TokenExpired) => Err(EnrollRefusal::TokenExpired),
         Err(EnrollError::TokenUsedUp) | Err(EnrollError::TokenRevoked) => Err(EnrollRefusal::TokenUsedUp),
@@ -181,6 +179,25 @@ fn enroll_inner(hub: &Hub, request: &EnrollRequest) -> Result<Enrolled, EnrollRe
         Err(EnrollError::OrgSuspended) => Err(EnrollRefusal::OrgRefused { reason: "organisation is suspended".into() }),
         Err(EnrollError::OrgAtAgentLimit { limit }) => Err(EnrollRefusal::OrgAtAgentLimit { limit }),
     }
+}
+
+/// The token's labels plus those the machine asked for (checked like a token's); on a key
+/// both name, the token's value wins, since the operator chose it.
+pub fn merge_labels(token: &[(String, String)], requested: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
+    if requested.len() > MAX_LABELS {
+        return Err(format!("at most {MAX_LABELS} labels"));
+    }
+    let mut labels = token.to_vec();
+    for (key, value) in requested {
+        validate_label(key, value)?;
+        if !labels.iter().any(|(k, _)| k == key) {
+            labels.push((key.clone(), value.clone()));
+        }
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(format!("at most {MAX_LABELS} labels in all (the token brings {})", token.len()));
+    }
+    Ok(labels)
 }
 
 /// `s` cut to at most `max` bytes on a character boundary.

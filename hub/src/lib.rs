@@ -10,15 +10,20 @@ pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod billing;
+pub mod branding;
 pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod enroll;
 pub mod ingest;
+pub mod install;
+pub mod keys;
 pub mod metrics;
 pub mod orchestrator;
+pub mod org_data;
 pub mod pki;
 pub mod ratelimit;
 pub mod registry;
@@ -192,6 +197,7 @@ fn open_secret_box(config: &Config, store: &store::Store) -> anyhow::Result<secr
         Some(id) if id == secret_box.id() => {}
         _ => store.set_setting("secrets_key_id", secret_box.id())?,
     }
+    keys::check_versions(secret_box.current_version(), store.setting(keys::CURRENT_SETTING)?.as_deref(), &config.secrets_key_path())?;
     Ok(secret_box)
 }
 
@@ -280,6 +286,8 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
     let metering = tokio::spawn(billing::ledger::run(hub.clone(), stop_rx.clone()));
     // Returns at once when no Stripe secret key is configured.
     let stripe_exporter = tokio::spawn(billing::stripe::run(hub.clone(), stop_rx.clone()));
+    // Returns at once when no backup directory is configured.
+    let scheduled_backups = tokio::spawn(backup::run(hub.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
     let http_task = match https {
         Some(tls_config) => tokio::spawn(tls::serve(http, tls_config, api::router(hub.clone()), stop_rx.clone())),
@@ -320,6 +328,7 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
     let _ = billing_clock.await;
     let _ = metering.await;
     let _ = stripe_exporter.await;
+    let _ = scheduled_backups.await;
     match tokio::time::timeout(Duration::from_secs(5), http_task).await {
         Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server ended with an error"),
         Err(_) => tracing::warn!("HTTP server did not stop within 5 s"),

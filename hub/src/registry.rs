@@ -6,10 +6,12 @@
 //! closing connections and sending commands to session tasks.
 
 use gantry_shared::message::ErrorCode;
+use gantry_shared::support::{ActionError, ActionOutput, ActionReply, ActionRequest, SupportAction};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// A command for one session task.
 #[derive(Debug, Clone)]
@@ -36,12 +38,28 @@ struct Entry {
     connection: quinn::Connection,
     commands: mpsc::Sender<SessionCommand>,
     info: LiveInfo,
+    /// Support actions sent on this connection and not answered yet. Dropped with the
+    /// entry, which tells every waiter the session ended.
+    pending: HashMap<u64, oneshot::Sender<Result<ActionOutput, ActionError>>>,
+}
+
+/// Support actions one session may have unanswered at once.
+pub const MAX_PENDING_ACTIONS: usize = 32;
+
+/// Why a support action could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendRefused {
+    /// The agent has no live session on this hub.
+    NotConnected,
+    /// The session has [`MAX_PENDING_ACTIONS`] unanswered, or its queue is full.
+    Busy,
 }
 
 /// Sessions by agent id.
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<String, Entry>>,
+    next_action: AtomicU64,
 }
 
 impl Registry {
@@ -54,7 +72,7 @@ impl Registry {
     /// Register a new session, closing any older connection of the same agent (it is
     /// superseded: the agent restarted or moved network before the old one timed out).
     pub fn register(&self, agent_id: &str, conn_id: u64, connection: quinn::Connection, commands: mpsc::Sender<SessionCommand>, info: LiveInfo) {
-        let old = self.lock().insert(agent_id.to_string(), Entry { conn_id, connection, commands, info });
+        let old = self.lock().insert(agent_id.to_string(), Entry { conn_id, connection, commands, info, pending: HashMap::new() });
         if let Some(old) = old {
             old.connection.close(ErrorCode::Superseded.as_u32().into(), b"superseded by a newer connection");
         }
@@ -113,6 +131,41 @@ impl Registry {
         match self.lock().get(agent_id) {
             Some(entry) => entry.commands.try_send(SessionCommand::Send(Box::new(message))).is_ok(),
             None => false,
+        }
+    }
+
+    /// Send a support action to an agent; the receiver gets the agent's answer, or an error
+    /// (`RecvError`) when the session ends before it answered.
+    pub fn request(&self, agent_id: &str, action: SupportAction) -> Result<(u64, oneshot::Receiver<Result<ActionOutput, ActionError>>), SendRefused> {
+        let mut sessions = self.lock();
+        let entry = sessions.get_mut(agent_id).ok_or(SendRefused::NotConnected)?;
+        if entry.pending.len() >= MAX_PENDING_ACTIONS {
+            return Err(SendRefused::Busy);
+        }
+        let id = self.next_action.fetch_add(1, Ordering::Relaxed) + 1;
+        let message = gantry_shared::message::HubMessage::Action(Box::new(ActionRequest { id, action }));
+        if entry.commands.try_send(SessionCommand::Send(Box::new(message))).is_err() {
+            return Err(SendRefused::Busy);
+        }
+        let (tx, rx) = oneshot::channel();
+        entry.pending.insert(id, tx);
+        Ok((id, rx))
+    }
+
+    /// Hand an agent's answer to whoever waits for it. Answers from an older connection, or
+    /// for ids nobody waits for (any more), are dropped.
+    pub fn resolve(&self, agent_id: &str, conn_id: u64, reply: ActionReply) -> bool {
+        let waiter = match self.lock().get_mut(agent_id) {
+            Some(entry) if entry.conn_id == conn_id => entry.pending.remove(&reply.id),
+            _ => None,
+        };
+        waiter.is_some_and(|tx| tx.send(reply.result).is_ok())
+    }
+
+    /// Stop waiting for action `id` (the caller gave up).
+    pub fn forget(&self, agent_id: &str, id: u64) {
+        if let Some(entry) = self.lock().get_mut(agent_id) {
+            entry.pending.remove(&id);
         }
     }
 

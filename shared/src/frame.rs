@@ -304,6 +304,7 @@ mod tests {
             token_secret: "s".repeat(64),
             csr_der: vec![7; 600_000],
             facts: HostFacts::default(),
+            labels: Vec::new(),
         });
         let bytes = encode_to_vec(&enroll, DEFAULT_MAX_FRAME_BYTES).unwrap();
         assert_eq!(decode_body::<AgentMessage>(&bytes[4..]).unwrap(), enroll);

@@ -10,6 +10,7 @@ pub mod deploy;
 pub mod frame;
 pub mod message;
 pub mod session;
+pub mod support;
 pub mod telemetry;
 pub mod token;
 

@@ -44,6 +44,9 @@ pub struct EnrollRequest {
     /// PKCS#10 certificate signing request (DER) for the key pair the agent made.
     pub csr_der: Vec<u8>,
     pub facts: HostFacts,
+    /// Labels the machine asks for (the installer's `--label k=v`), added to the token's
+    /// own; on a key both name, the token's value wins.
+    pub labels: Vec<(String, String)>,
 }
 
 /// Successful enrollment: the agent's identity and its certificate.
@@ -75,6 +78,8 @@ pub enum EnrollRefusal {
     OrgRefused { reason: String },
     #[error("certificate signing request is invalid: {reason}")]
     InvalidCsr { reason: String },
+    #[error("requested labels are invalid: {reason}")]
+    InvalidLabels { reason: String },
     #[error("hub could not complete enrollment; try again later")]
     Internal,
 }
@@ -321,6 +326,8 @@ pub enum AgentMessage {
     Renew(RenewRequest),
     Ack(Ack),
     DeployReport(DeployReport),
+    /// The result of a support action the hub asked for (same id).
+    ActionResult(Box<crate::support::ActionReply>),
 }
 
 /// Everything the hub sends.
@@ -344,6 +351,9 @@ pub enum HubMessage {
     /// The complete set of health checks this agent runs (replaces any earlier set with a
     /// lower revision); sent at every session start and whenever it changes.
     Checks(crate::checks::CheckSet),
+    /// A support action (container lifecycle, logs, exec, diagnostics); the agent answers
+    /// with [`AgentMessage::ActionResult`] under the same id.
+    Action(Box<crate::support::ActionRequest>),
 }
 
 #[cfg(test)]

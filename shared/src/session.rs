@@ -544,6 +544,7 @@ fn hub_message_name(msg: &HubMessage) -> &'static str {
         HubMessage::Deploy(_) => "Deploy",
         HubMessage::RemoveDeployment { .. } => "RemoveDeployment",
         HubMessage::Checks(_) => "Checks",
+        HubMessage::Action(_) => "Action",
     }
 }
 
@@ -555,6 +556,7 @@ fn agent_message_name(msg: &AgentMessage) -> &'static str {
         AgentMessage::Renew(_) => "Renew",
         AgentMessage::Ack(_) => "Ack",
         AgentMessage::DeployReport(_) => "DeployReport",
+        AgentMessage::ActionResult(_) => "ActionResult",
     }
 }
 
@@ -1128,7 +1130,13 @@ mod tests {
             AgentMessage::Heartbeat(Heartbeat { seq: 0, agent_clock_unix_ms: 0 }),
             AgentMessage::Ack(Ack { stream: StreamClass::Logs, up_to_seq: 1 }),
             AgentMessage::Renew(RenewRequest { csr_der: vec![1] }),
-            AgentMessage::Enroll(crate::message::EnrollRequest { token_id: "t".into(), token_secret: "s".into(), csr_der: vec![], facts: facts() }),
+            AgentMessage::Enroll(crate::message::EnrollRequest {
+                token_id: "t".into(),
+                token_secret: "s".into(),
+                csr_der: vec![],
+                facts: facts(),
+                labels: Vec::new(),
+            }),
         ] {
             let mut hub = HubSession::new(SessionConfig::default(), Timestamp(0), "a", "o");
             let err = hub.handle_message(Timestamp(1), 0, first).unwrap_err();
@@ -1149,7 +1157,13 @@ mod tests {
     #[test]
     fn hub_refuses_enroll_and_a_second_hello_on_an_established_session() {
         let hello = AgentMessage::Hello(Hello { versions: VersionRange::CURRENT, facts: facts(), agent_clock_unix_ms: 0 });
-        let enroll = AgentMessage::Enroll(crate::message::EnrollRequest { token_id: "t".into(), token_secret: "s".into(), csr_der: vec![], facts: facts() });
+        let enroll = AgentMessage::Enroll(crate::message::EnrollRequest {
+            token_id: "t".into(),
+            token_secret: "s".into(),
+            csr_der: vec![],
+            facts: facts(),
+            labels: Vec::new(),
+        });
         for second in [hello.clone(), enroll] {
             let mut hub = HubSession::new(SessionConfig::default(), Timestamp(0), "a", "o");
             hub.handle_message(Timestamp(1), 0, hello.clone()).unwrap();

@@ -6,11 +6,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+/// A WebDriver client for headless Chromium (the dashboard tests).
+pub mod browser;
 pub mod chaos;
 /// A local server speaking Stripe's HTTP API (see `stripe_stub.rs`).
 pub mod stripe_stub;
 
 pub mod bench;
+/// Deploying containers through the hub in tests.
+pub mod deploys;
+/// Container images built locally for the tests (Debian base via debootstrap).
+pub mod images;
 
 use anyhow::Context;
 use gantry_hub::config::Config;

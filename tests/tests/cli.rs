@@ -120,9 +120,10 @@ async fn quickstart_runs_gantry_with_a_local_agent_and_stops_cleanly() {
     })
     .await;
     let local_id = agents[0]["id"].as_str().unwrap().to_string();
-    let (status, _, page) = api.send("GET", "/", None, vec![]).await;
+    // The dashboard's agents page lists the local agent as online.
+    let (status, _, page) = api.send("GET", "/agents", None, vec![]).await;
     assert_eq!(status, 200);
-    assert!(page.contains(&local_id) && page.contains("status-online"), "{page}");
+    assert!(page.contains(&local_id) && page.contains("<span class=\"status status-online\">online</span>"), "{page}");
 
     // The printed command enrolls another machine.
     let other = dir.path().join("other-agent");

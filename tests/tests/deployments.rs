@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use gantry_agent::collector::docker::testing::{cli, docker, IMAGE};
+use gantry_tests::deploys::{containers_of, wait_deploy_state as wait_state, ContainerGuard};
 use gantry_tests::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -41,20 +42,6 @@ async fn http_ok(port: u16) -> bool {
     let mut reply = String::new();
     let _ = stream.read_to_string(&mut reply).await;
     reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200")
-}
-
-async fn wait_state(api: &Api, id: &str, agent: &str, revision: u64, state: &str) -> Value {
-    wait_for(Duration::from_secs(90), &format!("{agent} {state} on revision {revision}"), || async {
-        let (_, body) = api.get(&format!("/api/v1/deployments/{id}")).await;
-        let status = body["agents"][agent].clone();
-        (status["revision"] == revision && status["state"] == state).then_some(status)
-    })
-    .await
-}
-
-fn containers_of(deployment: &str) -> Vec<String> {
-    let out = cli(&["ps", "-a", "--filter", &format!("label=io.gantry.deployment={deployment}"), "--format", "{{.Names}}"]);
-    out.lines().filter(|l| !l.is_empty()).map(String::from).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,17 +128,9 @@ async fn deploy_roll_back_converge_and_remove() {
 
 /// Remove the deployment's containers when the test ends, whatever happens.
 fn guard_containers(id: &str) {
-    struct Guard(String);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            for name in containers_of(&self.0) {
-                let _ = std::process::Command::new("docker").args(["rm", "-f", &name]).output();
-            }
-        }
-    }
-    // Leaked on purpose into a thread-local that lives as long as the test thread.
-    thread_local!(static GUARDS: std::cell::RefCell<Vec<Guard>> = const { std::cell::RefCell::new(Vec::new()) });
-    GUARDS.with(|g| g.borrow_mut().push(Guard(id.to_string())));
+    // Kept in a thread-local that lives as long as the test thread.
+    thread_local!(static GUARDS: std::cell::RefCell<Vec<ContainerGuard>> = const { std::cell::RefCell::new(Vec::new()) });
+    GUARDS.with(|g| g.borrow_mut().push(ContainerGuard(id.to_string())));
 }
 
 /// A registry that wants a login: answers `/v2/` with 401 until the request carries Basic

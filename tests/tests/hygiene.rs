@@ -208,11 +208,17 @@ async fn every_response_has_the_security_headers_and_the_dashboard_still_renders
         // The hub serves plain HTTP, so it must not tell browsers to insist on HTTPS.
         assert!(headers.get("strict-transport-security").is_none(), "{what}");
     }
-    // The dashboard works under the policy: no inline script or style, the stylesheet
-    // it links is served as CSS.
+    // The dashboard works under the policy: no inline script or style; scripts come only
+    // from the hub's own assets, the stylesheet it links is served as CSS.
     let (_, _, page) = &cases[1].1;
     assert!(page.contains("Log out") && page.contains("<link rel=\"stylesheet\" href=\"/assets/gantry.css\">"), "{page}");
-    assert!(!page.contains("<script") && !page.contains("<style") && !page.contains(" style="), "{page}");
+    assert!(!page.contains("<style") && !page.contains(" style=") && !page.contains(" onclick="), "{page}");
+    let scripts: Vec<&str> = page.split("<script").skip(1).collect();
+    assert!(!scripts.is_empty(), "the dashboard loads its live-update script: {page}");
+    for script in scripts {
+        let tag = &script[..script.find("</script>").expect("closed script tag")];
+        assert!(tag.starts_with(" src=\"/assets/") && tag.ends_with('>') && tag.matches('>').count() == 1, "inline script: <script{tag}");
+    }
     let (_, headers, css) = &cases[3].1;
     assert!(header(headers, "content-type").starts_with("text/css"), "{headers:?}");
     assert!(css.contains("font:15px"), "{css}");

@@ -23,13 +23,19 @@ enum P {
     Deploy,
     Admin,
     Billing,
+    /// Owners only (the org's export).
+    Owner,
+    /// Remote exec on agents (owners and admins).
+    Exec,
 }
 
 /// What each role and key scope may do, as the product promises it.
 fn grants(who: &str) -> &'static [P] {
     match who {
-        "owner" => &[P::Member, P::Read, P::Deploy, P::Admin, P::Billing],
-        "admin" | "key:admin" => &[P::Member, P::Read, P::Deploy, P::Admin],
+        "owner" => &[P::Member, P::Read, P::Deploy, P::Admin, P::Billing, P::Owner, P::Exec],
+        "admin" => &[P::Member, P::Read, P::Deploy, P::Admin, P::Exec],
+        // The admin scope carries the owner permission of the owner who made the key.
+        "key:admin" => &[P::Member, P::Read, P::Deploy, P::Admin, P::Exec, P::Owner],
         "deployer" | "key:deploy" => &[P::Member, P::Read, P::Deploy],
         "viewer" | "key:read" => &[P::Member, P::Read],
         "billing" | "key:billing" => &[P::Member, P::Billing],
@@ -42,7 +48,8 @@ struct Route {
     path: &'static str,
     body: Option<Value>,
     needs: P,
-    /// A stream that never ends when allowed: only refusals are tried.
+    /// A stream that never ends when allowed, or a read that needs a live agent: only
+    /// refusals are tried.
     stream: bool,
 }
 
@@ -109,9 +116,13 @@ fn routes() -> Vec<Route> {
         with("DELETE", "/api/v1/orgs/{org}/silences/{silence}", Deploy, json!({})),
         route("GET", "/api/v1/orgs/{org}/alert-rules", Read),
         with("PUT", "/api/v1/orgs/{org}/alert-rules", Admin, json!({ "offline_after_secs": 1 })),
+        route("GET", "/api/v1/orgs/{org}/branding", Read),
+        with("PUT", "/api/v1/orgs/{org}/branding", Admin, json!({ "product_name": "Changed", "accent": "#123456" })),
+        with("DELETE", "/api/v1/orgs/{org}/branding", Admin, json!({})),
         route("GET", "/api/v1/orgs/{org}/logs", Read),
         route("GET", "/api/v1/orgs/{org}/events", Read),
         route("GET", "/api/v1/orgs/{org}/audit", Admin),
+        route("GET", "/api/v1/orgs/{org}/export", Owner),
         route("GET", "/api/v1/orgs/{org}/members", Read),
         with("PUT", "/api/v1/orgs/{org}/members/{member}", Admin, json!({ "role": "deployer" })),
         with("DELETE", "/api/v1/orgs/{org}/members/{member}", Admin, json!({})),
@@ -129,6 +140,20 @@ fn routes() -> Vec<Route> {
     for path in ["/api/v1/agents/{agent}/logs/stream", "/api/v1/deployments/{dep}/progress"] {
         routes.push(Route { method: "GET", path, body: None, needs: P::Read, stream: true });
     }
+    // Support actions need the agent online (it is not here): only refusals are tried.
+    for path in [
+        "/api/v1/agents/{agent}/containers/{container}/start",
+        "/api/v1/agents/{agent}/containers/{container}/stop",
+        "/api/v1/agents/{agent}/containers/{container}/restart",
+        "/api/v1/agents/{agent}/containers/{container}/remove",
+    ] {
+        routes.push(with("POST", path, P::Deploy, json!({})));
+    }
+    routes.push(Route { method: "GET", path: "/api/v1/agents/{agent}/containers/{container}/logs", body: None, needs: P::Read, stream: true });
+    routes.push(with("POST", "/api/v1/agents/{agent}/exec", P::Exec, json!({ "command": ["true"] })));
+    routes.push(with("POST", "/api/v1/agents/{agent}/diagnostics", P::Admin, json!({})));
+    routes.push(route("GET", "/api/v1/orgs/{org}/settings", P::Read));
+    routes.push(with("PUT", "/api/v1/orgs/{org}/settings", P::Admin, json!({ "exec_enabled": true })));
     routes
 }
 
@@ -203,6 +228,7 @@ async fn furnish(hub: &TestHub, org: &str, dir: &std::path::Path) -> (Api, Fixtu
     let (_, who) = member.get("/api/v1/auth/me").await;
     f.insert("member", who["id"].as_str().unwrap().to_string());
     f.insert("alert", "alr_absent".into());
+    f.insert("container", "web".into());
     (owner, f)
 }
 
@@ -237,6 +263,7 @@ async fn snapshot(hub: &TestHub, f: &Fixtures) -> Value {
         format!("/api/v1/orgs/{org}/members"),
         format!("/api/v1/orgs/{org}/invitations"),
         format!("/api/v1/orgs/{org}/api-keys"),
+        format!("/api/v1/orgs/{org}/settings"),
     ] {
         let (code, mut body) = operator.get(&path).await;
         assert_eq!(code, 200, "{path}: {body}");

@@ -1,7 +1,8 @@
 //! Security headers set on every response, and the dashboard's stylesheet, served as a file
 //! so the Content Security Policy needs no `'unsafe-inline'`.
 //!
-//! The pages carry no scripts and no inline styles; keep it so, or the policy blocks them.
+//! The pages carry no inline scripts and no inline styles (script and brand colours are
+//! served files); keep it so, or the policy blocks them.
 
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -51,9 +52,16 @@ mod tests {
 
     #[test]
     fn pages_need_nothing_the_policy_blocks() {
-        let pages = [gantry_dashboards::login_page(Some("<x>")), gantry_dashboards::agents_page(&gantry_dashboards::AgentsView::default())];
+        let brand = gantry_dashboards::Brand::default();
+        let shell = gantry_dashboards::Shell { user: "u", operator: true, org: None, brand: &brand, active: gantry_dashboards::Nav::Agents, flash: Some("x") };
+        let pages = [
+            gantry_dashboards::login_page(Some("<x>")),
+            gantry_dashboards::fleet::agents_page(&shell, &Default::default()),
+            gantry_dashboards::fleet::agent_page(&shell, &Default::default()),
+        ];
         for page in pages {
-            assert!(!page.contains("<script") && !page.contains("<style") && !page.contains(" style="), "{page}");
+            assert!(!page.contains("<script>") && !page.contains("<style") && !page.contains(" style="), "{page}");
+            assert_eq!(page.matches("<script").count(), page.matches("<script src=\"/assets/").count(), "scripts only from files: {page}");
             assert!(page.contains(STYLESHEET_PATH), "{page}");
         }
     }

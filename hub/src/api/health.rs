@@ -200,7 +200,7 @@ pub async fn agent_checks(
     Ok(Json(json!({ "agent": agent.id, "revision": set.revision, "checks": checks, "history": history })))
 }
 
-fn alert_json(alert: &Alert) -> Value {
+pub(super) fn alert_json(alert: &Alert) -> Value {
     json!({
         "id": alert.id,
         "org": alert.org,

@@ -8,17 +8,23 @@
 
 mod accounts;
 mod audit;
+mod backup;
 pub mod billing;
 pub mod billing_usage;
 mod deployments;
 mod forwarded;
 mod headers;
 mod health;
+mod install;
 mod limits;
 mod mfa;
 pub mod openapi;
+mod org_data;
+mod pages;
+mod pages_admin;
 mod secrets;
 mod stripe_webhook;
+mod support;
 mod webhooks;
 
 pub(crate) use forwarded::client_ip;
@@ -212,7 +218,7 @@ pub(crate) fn org_in_scope(hub: &Hub, principal: &Principal, org: &str, perm: Pe
 }
 
 /// Platform-wide actions: operators (and operator keys whose scopes grant `perm`) only.
-fn require_operator(principal: &Principal, perm: Perm) -> ApiResult<()> {
+pub(crate) fn require_operator(principal: &Principal, perm: Perm) -> ApiResult<()> {
     if principal.access.everywhere.has(perm) {
         Ok(())
     } else {
@@ -530,7 +536,12 @@ pub fn routes() -> Routes {
         .get("/api/v1/orgs/{org}/events", org_events, Op::new("Query the events of an org's agents").tag("telemetry").query::<RecordQuery>())
         .get("/api/v1/orgs/{org}/audit", audit::org_log, Op::new("An org's audit log").describe(AUDIT_FORMATS).tag("audit").query::<audit::AuditQuery>())
         .get("/api/v1/audit", audit::all, Op::new("The whole audit log (operators)").describe(AUDIT_FORMATS).tag("audit").query::<audit::AuditQuery>())
-        .page(MethodFilter::GET, "/", dashboard)
+        .with(install::routes)
+        .with(backup::routes)
+        .with(support::routes)
+        .with(org_data::routes)
+        .with(pages_admin::routes)
+        .with(pages::routes)
         .page(MethodFilter::GET, "/login", login_page)
         .page(MethodFilter::POST, "/login", login_form)
         .page(MethodFilter::GET, "/invite", accounts::invite_page)
@@ -562,6 +573,7 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     let mut body = hub.metrics.render(hub.registry.len(), enrolled);
     body.push_str(&crate::alerts::render_metrics(&hub));
     body.push_str(&crate::billing::ledger::render_metrics(&hub));
+    body.push_str(&crate::backup::render_metrics(&hub));
     let (segments, bytes) = hub.store.telemetry_disk_usage();
     body.push_str(&format!(
         "# HELP gantry_telemetry_segments Telemetry segment files on disk.\n# TYPE gantry_telemetry_segments gauge\ngantry_telemetry_segments {segments}\n# HELP gantry_telemetry_segment_bytes Bytes of telemetry segment files on disk.\n# TYPE gantry_telemetry_segment_bytes gauge\ngantry_telemetry_segment_bytes {bytes}\n"
@@ -739,6 +751,7 @@ async fn create_token(State(hub): State<Arc<Hub>>, principal: Principal, Path(or
         "uses": minted.record.uses_total,
         "labels": minted.record.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         "enroll_command": format!("gantry-agent enroll --token {}", minted.text),
+        "install_command": format!("curl -fsSL {}/install.sh | sudo sh -s -- --token {}", hub.config.public_url(), minted.text),
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -1142,46 +1155,8 @@ async fn agent_metrics(
 
 // ---- dashboard pages ----
 
-async fn dashboard(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> ApiResult<Response> {
-    let principal = match session_cookie_value(&hub, &headers) {
-        Some(value) => auth::principal_from_session(&hub, &value)?,
-        None => None,
-    };
-    let Some(principal) = principal else {
-        return Ok(Redirect::to("/login").into_response());
-    };
-    let mut orgs = Vec::new();
-    for org in hub.store.orgs()? {
-        if !principal.access.knows(&org.id) {
-            continue;
-        }
-        let agents = hub
-            .store
-            .agents_of_org(&org.id)?
-            .iter()
-            .map(|a| {
-                let v = agent_view(&hub, a);
-                gantry_dashboards::AgentRow {
-                    id: v.id,
-                    hostname: v.hostname,
-                    status: v.status,
-                    os: v.os,
-                    arch: v.arch,
-                    version: v.agent_version,
-                    last_seen: v.last_seen.unwrap_or_default(),
-                    rtt_ms: v.rtt_ms,
-                    labels: v.labels.into_iter().collect(),
-                }
-            })
-            .collect();
-        orgs.push(gantry_dashboards::OrgSection { id: org.id, name: org.name, agent_limit: org.agent_limit, agents });
-    }
-    let view = gantry_dashboards::AgentsView { user: principal.name, orgs };
-    Ok(Html(gantry_dashboards::agents_page(&view)).into_response())
-}
-
-async fn login_page() -> Html<String> {
-    Html(gantry_dashboards::login_page(None))
+async fn login_page(State(hub): State<Arc<Hub>>) -> Html<String> {
+    Html(gantry_dashboards::login_page_with(&hub.config.theme.brand(), None))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1203,7 +1178,7 @@ async fn login_form(State(hub): State<Arc<Hub>>, limits::ClientIp(ip): limits::C
             Err(e) => ApiError::from(e).into_response(),
         },
         Err(error) => {
-            let page = (error.status, Html(gantry_dashboards::login_page(Some(&error.message)))).into_response();
+            let page = (error.status, Html(gantry_dashboards::login_page_with(&hub.config.theme.brand(), Some(&error.message)))).into_response();
             limits::with_retry_after(page, error.retry_after_secs)
         }
     }

@@ -44,6 +44,11 @@ pub(super) struct Trees {
 }
 
 impl Trees {
+    /// Hold appends still while the guard lives (a backup copies the log whole).
+    pub(super) fn hold_appends(&self) -> std::sync::MutexGuard<'_, Option<Head>> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn open(db: &sled::Db) -> Result<Trees, Error> {
         Ok(Trees { entries: db.open_tree("audit")?, by_org: db.open_tree("audit_by_org")?, head: db.open_tree("audit_head")?, tail: Arc::default() })
     }

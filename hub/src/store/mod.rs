@@ -17,10 +17,15 @@ use std::path::Path;
 mod accounts;
 mod alerts;
 mod audit;
+pub mod backup;
+mod branding;
 mod checks;
 mod deployments;
 mod ledger;
+mod org_data;
+mod org_settings;
 mod plans;
+mod rekey;
 mod secrets;
 mod segments;
 mod stripe;
@@ -29,10 +34,14 @@ mod webhooks;
 pub use accounts::{Invitation, Membership, Spend};
 pub use alerts::{Alert, AlertRules, AlertStatus, Silence};
 pub use audit::{entry_hash, verify_chain, AuditEntry, AuditFilter, AuditPage, AuditVerdict, Head as AuditHead, NewAuditEntry, AUDIT_SCAN_LIMIT, GENESIS_HASH};
+pub use branding::StoredBrand;
 pub use checks::{CheckConfig, CheckScope, CheckStatus};
 pub use deployments::{AgentDeployStatus, Deployment, Revision, Targets};
 pub use ledger::{EntryKind, LedgerConflict, LedgerEntry, Recorded as LedgerRecorded};
+pub use org_data::{ConfirmError, DeletionRequest, Tombstone};
+pub use org_settings::OrgSettings;
 pub use plans::ClosedInvoice;
+pub use rekey::{SealedPlace, SealedValue};
 pub use secrets::{StoredRegistry, StoredSecret};
 pub use stripe::{OrderMarks, OutboxRow, OutboxState, Recorded, StripeEvent};
 pub use telemetry::{IngestOutcome, MetricSeries, RecordCursor, RecordFilter, StoredUsage};
@@ -449,6 +458,9 @@ impl Store {
     // ---- orgs ----
 
     pub fn create_org(&self, org: &Org) -> Result<(), Error> {
+        if self.org_tombstone(&org.id)?.is_some() {
+            return Err(Error::AlreadyExists(format!("org {} (deleted: the id stays reserved for its kept ledger and audit records)", org.id)));
+        }
         Store::insert_new(&self.orgs, &format!("org {}", org.id), org.id.as_bytes(), org)?;
         self.durable()?;
         Ok(())

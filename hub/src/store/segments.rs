@@ -45,6 +45,9 @@ pub struct Segments {
     refs: Mutex<HashMap<u64, u64>>,
     /// The segment being appended to (0: none yet).
     active: AtomicU64,
+    /// Held by the writer while it commits a group, and by a backup while it copies the
+    /// index: holding it keeps the telemetry trees and segment lengths still.
+    gate: Mutex<()>,
 }
 
 fn file_name(id: u64) -> String {
@@ -75,7 +78,7 @@ impl Segments {
                 std::fs::remove_file(entry.path()).map_err(|e| io("removing", &entry.path(), e))?;
             }
         }
-        Ok(Segments { dir: dir.to_path_buf(), readers: Mutex::default(), refs: Mutex::new(refs), active: AtomicU64::new(0) })
+        Ok(Segments { dir: dir.to_path_buf(), readers: Mutex::default(), refs: Mutex::new(refs), active: AtomicU64::new(0), gate: Mutex::default() })
     }
 
     fn path(&self, id: u64) -> PathBuf {
@@ -168,6 +171,63 @@ impl Segments {
         }
     }
 
+    /// Overwrite the payloads at `locations` (checksum included) with zeros and sync, so
+    /// what they held can no longer be read from the files; for erasing an org's data from
+    /// segments it shares with others. Their index entries must be gone already (a later
+    /// read of one would find a checksum mismatch). A payload in a segment already deleted
+    /// is gone anyway.
+    pub fn erase(&self, locations: &[Location]) -> Result<(), Error> {
+        let mut by_segment: HashMap<u64, Vec<Location>> = HashMap::new();
+        for location in locations {
+            by_segment.entry(location.segment).or_default().push(*location);
+        }
+        for (id, locations) in by_segment {
+            let path = self.path(id);
+            let file = match OpenOptions::new().write(true).open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("opening", &path, e)),
+            };
+            for location in locations {
+                let zeros = vec![0u8; CRC_LEN as usize + location.len as usize];
+                file.write_all_at(&zeros, location.offset).map_err(|e| io("erasing in", &path, e))?;
+            }
+            file.sync_data().map_err(|e| io("syncing", &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Hold telemetry writes still: the writer commits no group while the guard lives.
+    pub fn pause(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Open every segment file now on disk: `(id, file, length)`. An open file stays
+    /// readable after retention deletes it, so a backup can copy what it indexed.
+    pub fn open_all(&self) -> Result<Vec<(u64, File, u64)>, Error> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| io("listing", &self.dir, e))? {
+            let entry = entry.map_err(|e| io("listing", &self.dir, e))?;
+            let Some(id) = entry.file_name().to_str().and_then(parse_name) else { continue };
+            match File::open(entry.path()) {
+                Ok(file) => {
+                    let len = file.metadata().map_err(|e| io("reading", &entry.path(), e))?.len();
+                    out.push((id, file, len));
+                }
+                // Deleted by retention between the listing and the open: nothing indexes it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("opening", &entry.path(), e)),
+            }
+        }
+        out.sort_by_key(|(id, _, _)| *id);
+        Ok(out)
+    }
+
+    /// The file name of segment `id` (relative to the segment directory).
+    pub fn file_name(id: u64) -> String {
+        file_name(id)
+    }
+
     /// Segment files on disk and their total size.
     pub fn usage(&self) -> (u64, u64) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return (0, 0) };
@@ -224,6 +284,11 @@ impl Appender {
         file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| io("writing", &path, e))?;
         self.len += buf.len() as u64;
         Ok(locations)
+    }
+
+    /// The segment directory this appender writes to (for [`Segments::pause`]).
+    pub fn segments(&self) -> Arc<Segments> {
+        self.segments.clone()
     }
 
     /// Count index entries just written for `locations`.

@@ -679,6 +679,47 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Remove every trace of `agent`'s telemetry: its chunks (index entries, and their
+    /// payloads overwritten with zeros in the segment files, which other agents' chunks
+    /// share), its high-water marks, metric names and stored usage not yet metered. Returns
+    /// how many records went. For deleting an org: the agent must be revoked and
+    /// disconnected first, or a batch arriving later is stored again.
+    pub fn erase_agent_telemetry(&self, agent: &str) -> Result<u64, Error> {
+        let mut removed = 0;
+        for tree in &self.telemetry {
+            let mut batch = sled::Batch::default();
+            let mut locations = Vec::new();
+            for item in tree.range(chunk_bound(agent, i64::MIN)..agent_prefix_end(agent)) {
+                let (key, value) = item?;
+                let (location, count, _) = decode_index(&value)?;
+                batch.remove(key);
+                locations.push(location);
+                removed += u64::from(count);
+            }
+            batch.remove(hwm_key(agent));
+            for key in tree.scan_prefix(name_key(agent, "")).keys() {
+                batch.remove(key?);
+            }
+            for prefix in [USE_PREFIX, DIRTY_PREFIX] {
+                for key in tree.scan_prefix(prefix).keys() {
+                    let key = key?;
+                    if key.len() == prefix.len() + 8 + agent.len() && key.ends_with(agent.as_bytes()) {
+                        batch.remove(key);
+                    }
+                }
+            }
+            tree.apply_batch(batch)?;
+            self.segments.erase(&locations)?;
+            self.segments.release(&locations)?;
+        }
+        let names = name_key(agent, "");
+        self.metric_names_written.lock().unwrap_or_else(|p| p.into_inner()).retain(|key| !key.starts_with(&names));
+        self.durable()?;
+        Ok(removed)
+    }
+}
+
 /// A chunk to store: its index key and payload, with the header facts the index keeps.
 #[derive(Debug)]
 struct NewChunk {
@@ -739,6 +780,23 @@ fn decode_index(value: &[u8]) -> Result<(Location, u32, i64), Error> {
     Ok((Location { segment: u64_at(1), offset: u64_at(9), len: u32_at(17) }, u32_at(21), u64_at(25) as i64))
 }
 
+/// Locations of every chunk in copied trees (a backup's snapshot): the telemetry trees
+/// among them are read as [`all_locations`] reads the live ones.
+pub(super) fn locations_in(trees: &[super::backup::TreeCopy]) -> Vec<Location> {
+    const NAMES: [&[u8]; 4] = [b"t_metrics", b"t_logs", b"t_events", b"t_health"];
+    let mut out = Vec::new();
+    for (_, entries) in trees.iter().filter(|(name, _)| NAMES.contains(&name.as_slice())) {
+        for (key, value) in entries {
+            if key.first().is_some_and(|b| *b >= 1) {
+                if let Ok((location, _, _)) = decode_index(value) {
+                    out.push(location);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Locations of every chunk in `trees`, to count segment references at start.
 pub(super) fn all_locations(trees: &[sled::Tree]) -> Result<Vec<Location>, Error> {
     let mut out = Vec::new();
@@ -785,6 +843,9 @@ impl Writer {
                         }
                     }
                     last_flush = std::time::Instant::now();
+                    // A backup copying the index holds this: no group lands mid-copy.
+                    let segments = self.appender.segments();
+                    let _paused = segments.pause();
                     self.commit(jobs);
                 }
             })

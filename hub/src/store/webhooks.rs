@@ -41,6 +41,11 @@ impl Trees {
     pub fn has_sealed(&self) -> bool {
         !self.endpoints.is_empty()
     }
+
+    /// The endpoints tree, for re-sealing signing secrets under a new key (`rekey.rs`).
+    pub(super) fn endpoints(&self) -> &sled::Tree {
+        &self.endpoints
+    }
 }
 
 /// A webhook endpoint as stored: the signing secret sealed, never in clear.

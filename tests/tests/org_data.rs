@@ -1,0 +1,445 @@
+//! Customer data end to end: two orgs, each with a real enrolled agent streaming logs,
+//! events, metrics and check reports over QUIC, plus deployments, webhooks, secrets,
+//! registry logins, members, invitations, API keys, checks, alerts, silences and ledger
+//! entries. The export of one org holds exactly its data (every kind, counts as the API
+//! shows them) and nothing of the other; deleting it takes a confirmation, revokes and
+//! disconnects its agent, answers 404 everywhere after, leaves none of its log text in
+//! any file of the hub's data directory, keeps its ledger and audit entries, and leaves
+//! the other org as it was. Wrong confirmations change nothing.
+
+#![allow(clippy::unwrap_used)]
+
+use gantry_tests::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+const PASSWORD: &str = "violet harbor stapler quantum 42";
+const LINES: usize = 40;
+
+fn fast(config: &mut gantry_hub::config::Config) {
+    config.alert_interval_ms = 200;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn send_json(api: &Api, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, text) = api.send(method, path, Some("application/json"), serde_json::to_vec(body).unwrap()).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Everything made for one org, and the strings that must (not) appear in exports.
+struct Tenant {
+    org: String,
+    agent_id: String,
+    marker: String,
+    agent: AgentProcess,
+    owner: Api,
+    owner_email: String,
+    token: String,
+    key_secret: String,
+    deployment_id: String,
+    webhook_secret: String,
+    secret_value: String,
+    registry_password: String,
+    /// Ids, names and addresses of this org's objects.
+    identifiers: Vec<String>,
+}
+
+/// Create org `org` with everything a customer has, its agent online and its data stored.
+async fn tenant(hub: &TestHub, dir: &Path, org: &str, marker: &str) -> Tenant {
+    let api = hub.api();
+    hub.create_org(org, 10).await;
+    let token = hub.token(org, 2, "1h").await;
+    let state = dir.join(format!("agent-{org}"));
+    let agent_id = enroll(&token, &state).await.unwrap();
+    let log = dir.join(format!("{org}.log"));
+    let text: String = (0..LINES).map(|n| format!("{marker} request {n} served\n")).collect();
+    std::fs::write(&log, text).unwrap();
+    let config = agent_config_file(dir, &state, &[&log], "[host]\ninterval_secs = 1\n[docker]\nenabled = false");
+    let agent = AgentProcess::start_with_config(&config, &state);
+    hub.wait_status(&agent_id, "online", Duration::from_secs(20)).await;
+
+    // An owner (by invitation), an API key of theirs, and a pending invitation.
+    let owner_email = format!("owner@{org}.example");
+    let (code, invitation) = api.post(&format!("/api/v1/orgs/{org}/invitations"), &json!({ "email": owner_email, "role": "owner" })).await;
+    assert_eq!(code, 201, "{invitation}");
+    let (code, headers, text) = api
+        .anonymous()
+        .send(
+            "POST",
+            "/api/v1/invitations/accept",
+            Some("application/json"),
+            json!({ "token": invitation["token"], "password": PASSWORD }).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(code, 200, "{text}");
+    let owner = api.anonymous().with_cookie(&session_cookie_of(&headers).unwrap());
+    let (code, pending) = api.post(&format!("/api/v1/orgs/{org}/invitations"), &json!({ "email": format!("later@{org}.example"), "role": "viewer" })).await;
+    assert_eq!(code, 201, "{pending}");
+    let key_name = format!("{org}-ci-key");
+    let (code, key) = owner.post(&format!("/api/v1/orgs/{org}/api-keys"), &json!({ "name": key_name, "scopes": ["read"] })).await;
+    assert_eq!(code, 201, "{key}");
+
+    let webhook_url = format!("http://127.0.0.1:{}/hooks/{org}", free_port());
+    let (code, webhook) = api.post(&format!("/api/v1/orgs/{org}/webhooks"), &json!({ "url": webhook_url, "events": ["*"] })).await;
+    assert_eq!(code, 201, "{webhook}");
+    let secret_name = format!("{org}-db-password");
+    let secret_value = format!("{org}-s3cret-value-{}", rand::random::<u64>());
+    let (code, body) = send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/secrets/{secret_name}"), &json!({ "value": secret_value })).await;
+    assert_eq!(code, 201, "{body}");
+    let registry = format!("registry.{org}.example:5000");
+    let registry_password = format!("{org}-registry-pw-{}", rand::random::<u64>());
+    let (code, body) = send_json(
+        &api,
+        "PUT",
+        &format!("/api/v1/orgs/{org}/registries/{registry}"),
+        &json!({ "username": format!("{org}-puller"), "password": registry_password }),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let deployment_name = format!("{org}-web");
+    let spec = json!({ "name": deployment_name, "services": [{ "name": "app", "image": "busybox:latest", "command": ["sleep", "600"] }] });
+    let (code, deployment) = api.post(&format!("/api/v1/orgs/{org}/deployments"), &json!({ "spec": spec, "targets": { "agents": [agent_id] } })).await;
+    assert_eq!(code, 201, "{deployment}");
+    // A check that fails (nothing listens on its port), so reports, states and an alert exist.
+    let check_name = format!("{org}-api-port");
+    let probe = json!({ "type": "tcp", "host": "127.0.0.1", "port": free_port() });
+    let (code, check) = api
+        .post(
+            &format!("/api/v1/orgs/{org}/checks"),
+            &json!({ "spec": { "name": check_name, "probe": probe, "interval_secs": 1, "timeout_secs": 1, "failure_threshold": 1 } }),
+        )
+        .await;
+    assert_eq!(code, 201, "{check}");
+    let (code, silence) = api
+        .post(&format!("/api/v1/orgs/{org}/silences"), &json!({ "rule": "agent_offline", "duration": "1h", "reason": format!("{org} maintenance window") }))
+        .await;
+    assert_eq!(code, 201, "{silence}");
+    let (code, correction) = api
+        .post("/api/v1/billing/corrections", &json!({ "org": org, "meter": "events", "quantity": 3, "reason": "goodwill", "id": format!("{org}-c1") }))
+        .await;
+    assert_eq!(code, 201, "{correction}");
+
+    // Everything stored: every log line, events, metrics, a failing check and its alert.
+    wait_for(Duration::from_secs(30), &format!("{org}'s log lines"), || async {
+        let records = api.all_records(&format!("/api/v1/orgs/{org}/logs"), "").await;
+        (records.iter().filter(|r| r["line"].as_str().is_some_and(|l| l.starts_with(marker))).count() == LINES).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(30), &format!("{org}'s events"), || async {
+        (!api.all_records(&format!("/api/v1/orgs/{org}/events"), "").await.is_empty()).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(60), &format!("{org}'s check_failing alert"), || async {
+        let (_, body) = api.get(&format!("/api/v1/orgs/{org}/alerts")).await;
+        body["alerts"].as_array().unwrap().iter().any(|a| a["rule"] == "check_failing").then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(30), &format!("{org}'s metrics"), || async {
+        let (_, body) = api.get(&format!("/api/v1/agents/{agent_id}/metrics")).await;
+        body["names"].as_array().is_some_and(|n| !n.is_empty()).then_some(())
+    })
+    .await;
+
+    let owner_id = {
+        let (_, me) = owner.get("/api/v1/auth/me").await;
+        me["id"].as_str().unwrap().to_string()
+    };
+    let identifiers = vec![
+        org.to_string(),
+        agent_id.clone(),
+        marker.to_string(),
+        owner_email.clone(),
+        owner_id,
+        key_name,
+        key["id"].as_str().unwrap().to_string(),
+        webhook_url,
+        webhook["id"].as_str().unwrap().to_string(),
+        secret_name,
+        registry,
+        deployment_name,
+        deployment["id"].as_str().unwrap().to_string(),
+        check_name,
+        check["id"].as_str().unwrap().to_string(),
+        silence["id"].as_str().unwrap().to_string(),
+    ];
+    Tenant {
+        org: org.to_string(),
+        agent_id,
+        marker: marker.to_string(),
+        agent,
+        owner,
+        owner_email,
+        token,
+        key_secret: key["key"].as_str().unwrap().to_string(),
+        deployment_id: deployment["id"].as_str().unwrap().to_string(),
+        webhook_secret: webhook["secret"].as_str().unwrap().to_string(),
+        secret_value,
+        registry_password,
+        identifiers,
+    }
+}
+
+/// The files of a ustar archive, by name.
+fn untar(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut at = 0;
+    while at + 512 <= bytes.len() {
+        let header = &bytes[at..at + 512];
+        if header.iter().all(|b| *b == 0) {
+            break;
+        }
+        assert_eq!(&header[257..262], b"ustar", "ustar magic at {at}");
+        let stored = u64::from_str_radix(std::str::from_utf8(&header[148..154]).unwrap(), 8).unwrap();
+        let sum: u64 = header.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u64::from(*b) }).sum();
+        assert_eq!(stored, sum, "header checksum at {at}");
+        let name = String::from_utf8(header[..100].iter().take_while(|b| **b != 0).copied().collect()).unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&header[124..135]).unwrap(), 8).unwrap();
+        files.insert(name, bytes[at + 512..at + 512 + size].to_vec());
+        at += 512 + size.div_ceil(512) * 512;
+    }
+    files
+}
+
+fn lines(files: &BTreeMap<String, Vec<u8>>, org: &str, name: &str) -> Vec<Value> {
+    let data = files.get(&format!("{org}/{name}")).unwrap_or_else(|| panic!("{name} missing from the export: {:?}", files.keys()));
+    std::str::from_utf8(data).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+async fn export(api: &Api, org: &str, query: &str) -> (u16, Vec<u8>) {
+    let (status, headers, body) = api.send("GET", &format!("/api/v1/orgs/{org}/export{query}"), None, vec![]).await;
+    if status == 200 {
+        assert_eq!(headers.get("content-type").unwrap(), "application/x-tar");
+        assert!(headers.get("content-disposition").unwrap().to_str().unwrap().contains(".tar"));
+    }
+    (status, body.into_bytes())
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path).is_ok_and(|bytes| contains(&bytes, needle)) {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+async fn count(api: &Api, path: &str, key: &str) -> usize {
+    let (code, body) = api.get(path).await;
+    assert_eq!(code, 200, "{path}: {body}");
+    body[key].as_array().unwrap_or_else(|| panic!("{path}: {body}")).len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
+    let dir = TempDir::new("org-data");
+    let hub = TestHub::start(&dir.path().join("hub"), fast).await;
+    let api = hub.api();
+    let mut alpha = tenant(&hub, dir.path(), "alpha-corp", "MARKER-ALPHA-7f3c1e").await;
+    let bravo = tenant(&hub, dir.path(), "bravo-corp", "MARKER-BRAVO-91d2ab").await;
+    let org = alpha.org.clone();
+
+    // ---- export ----
+    let to = gantry_hub::wall_ms() + 1;
+    let (code, archive) = export(&alpha.owner, &org, &format!("?from=0&to={to}&metrics=true")).await;
+    assert_eq!(code, 200, "the owner may export");
+    let files = untar(&archive);
+    let manifest: Value = serde_json::from_slice(&files[&format!("{org}/manifest.json")]).unwrap();
+    assert_eq!(manifest["format"], "gantry-org-export/1");
+    assert_eq!(manifest["org"], org.as_str());
+    for (name, n) in manifest["files"].as_object().unwrap() {
+        assert_eq!(lines(&files, &org, name).len() as u64, n.as_u64().unwrap(), "manifest count of {name}");
+    }
+    // Every kind is there, and counts agree with what the API shows.
+    let logs = lines(&files, &org, "logs.jsonl");
+    let api_logs = api.all_records(&format!("/api/v1/orgs/{org}/logs"), &format!("&from=0&to={to}")).await;
+    assert_eq!(logs.len(), api_logs.len(), "log records");
+    assert_eq!(logs.iter().filter(|l| l["line"].as_str().unwrap_or("").starts_with(&alpha.marker)).count(), LINES);
+    let events = lines(&files, &org, "events.jsonl");
+    assert_eq!(events.len(), api.all_records(&format!("/api/v1/orgs/{org}/events"), &format!("&from=0&to={to}")).await.len(), "events");
+    assert!(events.iter().any(|e| e["event"] == "agent.started"), "agent events");
+    assert!(!lines(&files, &org, "check_reports.jsonl").is_empty(), "check reports");
+    let metrics = lines(&files, &org, "metrics.jsonl");
+    assert!(!metrics.is_empty() && metrics.iter().all(|m| m["agent"] == alpha.agent_id.as_str()), "metrics of the agent");
+    let agents = lines(&files, &org, "agents.jsonl");
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0]["id"], alpha.agent_id.as_str());
+    assert_eq!(lines(&files, &org, "enrollment_tokens.jsonl").len(), 1);
+    let deployments = lines(&files, &org, "deployments.jsonl");
+    assert_eq!(deployments.len(), count(&api, &format!("/api/v1/orgs/{org}/deployments"), "deployments").await);
+    assert_eq!(deployments[0]["id"], alpha.deployment_id.as_str());
+    assert_eq!(deployments[0]["revisions"].as_array().unwrap().len(), 1);
+    assert_eq!(lines(&files, &org, "checks.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/checks"), "checks").await);
+    assert!(!lines(&files, &org, "check_states.jsonl").is_empty());
+    assert_eq!(lines(&files, &org, "alerts.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/alerts"), "alerts").await);
+    assert_eq!(lines(&files, &org, "silences.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/silences"), "silences").await);
+    assert_eq!(lines(&files, &org, "webhooks.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/webhooks"), "webhooks").await);
+    assert!(!lines(&files, &org, "webhook_deliveries.jsonl").is_empty() && !lines(&files, &org, "webhook_events.jsonl").is_empty());
+    assert_eq!(lines(&files, &org, "secrets.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/secrets"), "secrets").await);
+    assert_eq!(lines(&files, &org, "registry_logins.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/registries"), "registries").await);
+    assert_eq!(lines(&files, &org, "members.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/members"), "members").await);
+    assert_eq!(lines(&files, &org, "invitations.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/invitations"), "invitations").await);
+    assert_eq!(lines(&files, &org, "api_keys.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/api-keys"), "api_keys").await);
+    let ledger = lines(&files, &org, "ledger.jsonl");
+    assert!(ledger.iter().any(|e| e["source"].as_str().unwrap_or("").contains(&format!("{org}-c1"))), "the correction: {ledger:?}");
+    assert!(files.contains_key(&format!("{org}/invoices.jsonl")));
+    let (code, page) = api.get(&format!("/api/v1/orgs/{org}/audit?limit=1000")).await;
+    assert_eq!(code, 200);
+    let audited: Vec<u64> =
+        page["entries"].as_array().unwrap().iter().filter(|e| e["action"] != "GET /api/v1/orgs/{org}/export").map(|e| e["seq"].as_u64().unwrap()).collect();
+    let mut exported: Vec<u64> = lines(&files, &org, "audit.jsonl").iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    exported.reverse();
+    assert_eq!(exported, audited, "audit entries of the org, all of them");
+    // The export itself is in the audit log, by the owner.
+    assert!(page["entries"].as_array().unwrap().iter().any(|e| e["action"] == "GET /api/v1/orgs/{org}/export" && e["actor"] == alpha.owner_email.as_str()));
+    // Nothing of the other org, and no secret of this one, anywhere in the archive.
+    for needle in &bravo.identifiers {
+        assert!(!contains(&archive, needle), "{needle} of {} is in {org}'s export", bravo.org);
+    }
+    for secret in [&alpha.key_secret, &alpha.webhook_secret, &alpha.secret_value, &alpha.registry_password] {
+        assert!(!contains(&archive, secret), "a secret value is in the export");
+    }
+    assert!(!contains(&archive, "$argon2") && !contains(&archive, "secret_sha256") && !contains(&archive, "sealed"), "hashes or sealed values in the export");
+
+    // Export: only owners of the org and operators; bad ranges refused.
+    assert_eq!(export(&bravo.owner, &org, "").await.0, 404, "another org's owner");
+    let (code, viewer_key) = alpha.owner.post(&format!("/api/v1/orgs/{org}/api-keys"), &json!({ "name": "reader", "scopes": ["read"] })).await;
+    assert_eq!(code, 201, "{viewer_key}");
+    assert_eq!(export(&api.with_bearer(viewer_key["key"].as_str().unwrap()), &org, "").await.0, 403, "a read-only key");
+    assert_eq!(export(&api, "no-such-org", "").await.0, 404);
+    assert_eq!(export(&api, &org, "?from=yesterday").await.0, 400);
+    assert_eq!(export(&api, &org, "?from=100&to=50").await.0, 400);
+    assert_eq!(export(&api, &org, "?colour=red").await.0, 400);
+    let (code, full) = export(&api, &org, "").await;
+    assert_eq!(code, 200, "an operator may export");
+    assert!(contains(&full, &alpha.marker));
+
+    // ---- deletion: refused without the right confirmation, changing nothing ----
+    let delete = |query: String| {
+        let api = api.clone();
+        let org = org.clone();
+        async move {
+            let (code, _, text) = api.send("DELETE", &format!("/api/v1/orgs/{org}{query}"), None, vec![]).await;
+            (code, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+        }
+    };
+    let (code, body) = delete(String::new()).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("confirmation_required")), "{body}");
+    let (code, body) = delete("?confirm=delete-alpha-corp-0000000000000000".into()).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (409, Some("deletion_not_requested")), "{body}");
+    let (code, body) = alpha.owner.post(&format!("/api/v1/orgs/{org}/deletion"), &json!({})).await;
+    assert_eq!(code, 403, "owners ask an operator: {body}");
+    assert_eq!(api.post("/api/v1/orgs/no-such-org/deletion", &json!({})).await.0, 404);
+    let (code, requested) = api.post(&format!("/api/v1/orgs/{org}/deletion"), &json!({})).await;
+    assert_eq!(code, 201, "{requested}");
+    let confirm = requested["confirm"].as_str().unwrap().to_string();
+    assert!(requested["keeps"].as_array().unwrap().iter().any(|k| k.as_str().unwrap().contains("audit")));
+    let (code, body) = delete("?confirm=delete-alpha-corp-0123456789abcdef".into()).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (409, Some("confirmation_mismatch")), "{body}");
+    let (code, _, _) = api.send("DELETE", &format!("/api/v1/orgs/{}?confirm={confirm}", bravo.org), None, vec![]).await;
+    assert_eq!(code, 409, "a code is for its own org only");
+    assert_eq!(api.get(&format!("/api/v1/orgs/{org}")).await.0, 200, "nothing deleted");
+    assert_eq!(hub.agent(&alpha.agent_id).await["status"], "online");
+    let still = api.all_records(&format!("/api/v1/orgs/{org}/logs"), "").await;
+    assert_eq!(still.iter().filter(|r| r["line"].as_str().unwrap_or("").starts_with(&alpha.marker)).count(), LINES);
+    assert_eq!(count(&api, &format!("/api/v1/orgs/{org}/members"), "members").await, 1);
+
+    let bravo_logs_before = api.all_records(&format!("/api/v1/orgs/{}/logs", bravo.org), &format!("&to={to}")).await.len();
+    let audit_before =
+        hub.hub.store.audit_entries(&gantry_hub::store::AuditFilter { org: Some(org.clone()), ..Default::default() }, 10_000).unwrap().entries.len();
+
+    hub.hub.store.flush().await.unwrap();
+    assert!(!files_containing(&hub.data, &alpha.marker).is_empty(), "the scan finds the org's log text while it is stored");
+    // ---- deletion ----
+    let (code, deleted) = delete(format!("?confirm={confirm}")).await;
+    assert_eq!(code, 200, "{deleted}");
+    assert_eq!(deleted["deleted"], true);
+    assert!(deleted["removed"]["telemetry_records"].as_u64().unwrap() >= LINES as u64, "{deleted}");
+    assert_eq!(deleted["removed"]["users"], 1, "the owner belonged to no other org: {deleted}");
+    let (code, _) = delete(format!("?confirm={confirm}")).await;
+    assert_eq!(code, 404, "the code was spent with the org");
+
+    // The agent was revoked and disconnected: its process ends (revoked is final).
+    let status = tokio::time::timeout(Duration::from_secs(30), alpha.agent.child.wait()).await.expect("the revoked agent exits").unwrap();
+    assert!(!status.success(), "the agent reports the revocation as an error: {status}");
+    assert!(!hub.hub.registry.is_connected(&alpha.agent_id));
+    // Nothing more enrolls with the org's token (it had a use left); other orgs' do.
+    assert!(enroll(&alpha.token, &dir.path().join("late-alpha")).await.is_err(), "the org's enrollment token still works");
+    assert!(enroll(&hub.token(&bravo.org, 1, "1h").await, &dir.path().join("late-bravo")).await.is_ok());
+
+    // Every query about the org answers 404; its key and its owner's session are dead.
+    for path in [
+        format!("/api/v1/orgs/{org}"),
+        format!("/api/v1/orgs/{org}/agents"),
+        format!("/api/v1/agents/{}", alpha.agent_id),
+        format!("/api/v1/agents/{}/logs", alpha.agent_id),
+        format!("/api/v1/agents/{}/events", alpha.agent_id),
+        format!("/api/v1/orgs/{org}/logs"),
+        format!("/api/v1/orgs/{org}/events"),
+        format!("/api/v1/orgs/{org}/deployments"),
+        format!("/api/v1/deployments/{}", alpha.deployment_id),
+        format!("/api/v1/orgs/{org}/webhooks"),
+        format!("/api/v1/orgs/{org}/secrets"),
+        format!("/api/v1/orgs/{org}/registries"),
+        format!("/api/v1/orgs/{org}/members"),
+        format!("/api/v1/orgs/{org}/invitations"),
+        format!("/api/v1/orgs/{org}/api-keys"),
+        format!("/api/v1/orgs/{org}/checks"),
+        format!("/api/v1/orgs/{org}/alerts"),
+        format!("/api/v1/orgs/{org}/silences"),
+        format!("/api/v1/orgs/{org}/export"),
+    ] {
+        let (code, body) = api.get(&path).await;
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    assert_eq!(api.with_bearer(&alpha.key_secret).get(&format!("/api/v1/orgs/{org}/agents")).await.0, 401, "the org's API key");
+    assert_eq!(alpha.owner.get("/api/v1/auth/me").await.0, 401, "the owner's session");
+    let (code, body) = api.post("/api/v1/orgs", &json!({ "id": org, "agent_limit": 5 })).await;
+    assert_eq!(code, 409, "the id stays reserved: {body}");
+
+    // No readable data of the org is left in any file of the hub; the other org's is.
+    hub.hub.store.flush().await.unwrap();
+    let found = files_containing(&hub.data, &alpha.marker);
+    assert!(found.is_empty(), "{} still readable in {found:?}", alpha.marker);
+    assert!(!files_containing(&hub.data, &bravo.marker).is_empty(), "the other org's logs are still stored");
+
+    // Ledger and audit entries are kept (they carry no personal data beyond the audit
+    // log's actors and addresses, which its hash chain keeps as they were).
+    let ledger = hub.hub.store.ledger_entries(Some(&org), i64::MIN, i64::MAX, None, 1000).unwrap();
+    assert!(ledger.iter().any(|e| e.source.contains(&format!("{org}-c1"))), "ledger entries kept");
+    for entry in &ledger {
+        let text = serde_json::to_string(entry).unwrap();
+        assert!(!text.contains(&alpha.owner_email) && !text.contains(&alpha.marker), "personal data in the ledger: {text}");
+    }
+    let audit = hub.hub.store.audit_entries(&gantry_hub::store::AuditFilter { org: Some(org.clone()), ..Default::default() }, 10_000).unwrap().entries;
+    assert!(audit.len() > audit_before, "audit entries kept, the deletion added");
+    let deletion = audit.iter().find(|e| e.action == "DELETE /api/v1/orgs/{org}" && e.outcome == "200").expect("the deletion is audited");
+    assert!(deletion.actor.starts_with("key:"), "{deletion:?}");
+    assert!(audit.iter().any(|e| e.action == "POST /api/v1/orgs/{org}/deletion" && e.outcome == "201"));
+    assert!(matches!(hub.hub.store.verify_audit().unwrap(), gantry_hub::store::AuditVerdict::Intact { .. }), "the audit chain is intact");
+
+    // The other org is untouched.
+    assert_eq!(hub.agent(&bravo.agent_id).await["status"], "online");
+    assert_eq!(api.all_records(&format!("/api/v1/orgs/{}/logs", bravo.org), &format!("&to={to}")).await.len(), bravo_logs_before);
+    assert_eq!(count(&api, &format!("/api/v1/orgs/{}/deployments", bravo.org), "deployments").await, 1);
+    assert_eq!(count(&api, &format!("/api/v1/orgs/{}/secrets", bravo.org), "secrets").await, 1);
+    assert_eq!(count(&api, &format!("/api/v1/orgs/{}/members", bravo.org), "members").await, 1);
+    assert_eq!(bravo.owner.get("/api/v1/auth/me").await.0, 200);
+    let (code, archive) = export(&bravo.owner, &bravo.org, "").await;
+    assert_eq!(code, 200);
+    assert!(contains(&archive, &bravo.marker));
+    hub.stop().await;
+}
