@@ -100,7 +100,10 @@ pub fn overview_page(shell: &Shell, view: &OverviewView) -> String {
         body.push_str(&layout::stat("Orgs", &view.orgs.to_string(), "", Some(layout::Nav::Orgs.path())));
     }
     body.push_str("</div>");
-    if total == 0 && view.revoked == 0 {
+    if shell.operator && view.orgs == 0 {
+        body.push_str(&layout::empty_state("No orgs yet", "Agents enroll into an org: create the first one, then add a machine to it."));
+        let _ = write!(body, "<p><a class=\"button\" href=\"{}\">Create an org</a></p>", escape(layout::Nav::Orgs.path()));
+    } else if total == 0 && view.revoked == 0 {
         let hint = if view.can_enroll {
             "Create an enrollment token and run the one-line install command on a server."
         } else {
@@ -653,7 +656,7 @@ mod tests {
     use crate::layout::{Brand, Nav};
 
     fn shell(brand: &Brand, active: Nav) -> Shell<'_> {
-        Shell { user: "ana@example.com", operator: false, org: None, brand, active, flash: None }
+        Shell { user: "ana@example.com", operator: false, admin: false, org: None, brand, active, flash: None }
     }
 
     fn agent(id: &str, status: &str) -> AgentItem {

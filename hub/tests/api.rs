@@ -247,7 +247,7 @@ async fn dashboard_requires_login() {
     let page = Request::builder().uri("/").header(header::COOKIE, cookie).body(Body::empty()).unwrap();
     let (status, _, body) = call(&f.hub, page).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(body.as_str().unwrap().contains("No organisations yet"));
+    assert!(body.as_str().unwrap().contains("No orgs yet"), "an operator with no orgs is told to create one");
 }
 
 #[tokio::test]
