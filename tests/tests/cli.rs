@@ -125,6 +125,22 @@ async fn quickstart_runs_gantry_with_a_local_agent_and_stops_cleanly() {
     assert_eq!(status, 200);
     assert!(page.contains(&local_id) && page.contains("<span class=\"status status-online\">online</span>"), "{page}");
 
+    // Quickstart serves the install script and its own build of the agent, with a checksum
+    // that matches the `gantry-agent` program next to the hub's.
+    let anonymous = api.anonymous();
+    let (status, _, script) = anonymous.send("GET", "/install.sh", None, vec![]).await;
+    assert_eq!(status, 200);
+    assert!(script.starts_with("#!/bin/sh"), "{script}");
+    let version = env!("CARGO_PKG_VERSION");
+    let (status, _, sums) = anonymous.send("GET", &format!("/downloads/{version}/SHA256SUMS"), None, vec![]).await;
+    assert_eq!(status, 200, "{sums}");
+    let beside_hub = hub_binary().with_file_name("gantry-agent");
+    assert!(beside_hub.is_file(), "{} is built with the workspace", beside_hub.display());
+    let own = std::process::Command::new("sha256sum").arg(&beside_hub).output().unwrap();
+    let own_sum = String::from_utf8_lossy(&own.stdout).split_whitespace().next().unwrap().to_string();
+    let file = format!("gantry-agent-{}-{}", std::env::consts::OS, std::env::consts::ARCH);
+    assert_eq!(sums, format!("{own_sum}  {file}\n"));
+
     // The printed command enrolls another machine.
     let other = dir.path().join("other-agent");
     let (code, _, stderr) = agent_cli(&["enroll", "--token", &qs.token, "--state-dir", other.to_str().unwrap()]).await;
