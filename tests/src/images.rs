@@ -5,6 +5,7 @@
 //! mirror this machine's apt already uses, and imports it into the local Docker engine. The
 //! image is built once per machine: later calls (and other test processes) find the tag and
 //! return at once; a file lock makes parallel test processes wait for the one that builds it.
+//! [`debian_systemd_image`] adds systemd to it, for tests that need a real init.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -47,6 +48,42 @@ pub fn debian_base_image() -> Result<String> {
     let _ = std::fs::remove_dir_all(&work);
     built?;
     Ok(DEBIAN_BASE_IMAGE.to_string())
+}
+
+/// Tag of the image built by [`debian_systemd_image`].
+pub const DEBIAN_SYSTEMD_IMAGE: &str = "gantry-test/debian-systemd:bookworm";
+
+/// Build (once) and return the tag of [`DEBIAN_BASE_IMAGE`] plus systemd as its init, for
+/// tests that run programs under a real systemd. Packages come from the base image's Debian
+/// mirror (apt inside `docker build`, on the host network). Run it with
+/// `--tmpfs /run --tmpfs /run/lock -v /sys/fs/cgroup:/sys/fs/cgroup:ro` and
+/// `/lib/systemd/systemd` as the command; no extra privileges are needed.
+pub fn debian_systemd_image() -> Result<String> {
+    let base = debian_base_image()?;
+    if image_exists(DEBIAN_SYSTEMD_IMAGE) {
+        return Ok(DEBIAN_SYSTEMD_IMAGE.to_string());
+    }
+    let lock_path = std::env::temp_dir().join("gantry-test-debian-systemd.lock");
+    let lock = File::create(&lock_path).with_context(|| format!("creating the lock file {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+    if image_exists(DEBIAN_SYSTEMD_IMAGE) {
+        return Ok(DEBIAN_SYSTEMD_IMAGE.to_string());
+    }
+    let work = std::env::temp_dir().join(format!("gantry-systemd-image-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let dockerfile = format!(
+        "FROM {base}\n\
+         RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd systemd-sysv \\\n\
+         \x20   && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb\n\
+         STOPSIGNAL SIGRTMIN+3\n\
+         CMD [\"/lib/systemd/systemd\"]\n"
+    );
+    std::fs::write(work.join("Dockerfile"), dockerfile).context("writing the Dockerfile")?;
+    let built =
+        run(Command::new("docker").args(["build", "-q", "--network", "host", "-t", DEBIAN_SYSTEMD_IMAGE]).arg(&work), "docker build of the systemd image");
+    let _ = std::fs::remove_dir_all(&work);
+    built?;
+    Ok(DEBIAN_SYSTEMD_IMAGE.to_string())
 }
 
 fn build(work: &Path) -> Result<()> {

@@ -1,9 +1,10 @@
 //! The agent installer end to end: the hub serves `install.sh` and agent builds, and the
 //! script runs for real (`curl -fsSL HUB/install.sh | sh -s -- ...`, as root) inside a
 //! Debian container built on this machine (debootstrap, no registry) that shares the host
-//! network, so it reaches the test hub on 127.0.0.1. Systemd cannot run in that container:
-//! the script's `--no-systemd` path runs the agent for real, and the systemd unit is checked
-//! with `systemd-analyze verify`. shellcheck lints the script.
+//! network, so it reaches the test hub on 127.0.0.1. One container runs a real systemd as its
+//! init (no extra privileges needed) for the systemd path; the others run the script's
+//! `--no-systemd` path; the unit is also checked with `systemd-analyze verify`. shellcheck
+//! lints the script.
 //!
 //! Needs docker, debootstrap (for the base image), shellcheck and systemd-analyze; a missing
 //! one fails the test with what to install.
@@ -45,6 +46,35 @@ impl Container {
             .expect("docker run");
         assert!(output.status.success(), "docker run: {}", String::from_utf8_lossy(&output.stderr));
         Container { id: name }
+    }
+
+    /// A container whose init is a real systemd, once systemd reports the system up.
+    async fn start_systemd() -> Container {
+        require("docker", "docker.io");
+        let image = gantry_tests::images::debian_systemd_image().expect("building the Debian systemd image");
+        let name = format!("gantry-installer-systemd-{:08x}", rand::random::<u32>());
+        let output = Command::new("docker")
+            .args(["run", "-d", "--rm", "--network", "host", "--name", &name, "--tmpfs", "/run", "--tmpfs", "/run/lock"])
+            .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro", &image, "/lib/systemd/systemd"])
+            .output()
+            .expect("docker run");
+        assert!(output.status.success(), "docker run: {}", String::from_utf8_lossy(&output.stderr));
+        let container = Container { id: name };
+        let state = wait_for(Duration::from_secs(60), "systemd up in the container", || async {
+            let (_, out) = container.sh("systemctl is-system-running 2>/dev/null").await;
+            let state = out.trim().to_string();
+            (state == "running" || state == "degraded").then_some(state)
+        })
+        .await;
+        eprintln!("systemd in the container: {state}");
+        container
+    }
+
+    /// A property of the agent's unit, as `systemctl show` reports it.
+    async fn unit_property(&self, name: &str) -> String {
+        let (code, out) = self.sh(&format!("systemctl show -p {name} --value gantry-agent")).await;
+        assert_eq!(code, 0, "{out}");
+        out.trim().to_string()
     }
 
     /// `sh -c script` in the container as `user`: exit code and stdout + stderr.
@@ -205,6 +235,70 @@ async fn install_rerun_upgrade_uninstall_and_purge_in_a_container() {
     let (code, out) = container.install(&hub, "--purge").await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("nothing to uninstall"), "{out}");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_under_systemd_restarts_a_killed_agent_and_uninstalls_cleanly() {
+    let dir = TempDir::new("installer-systemd");
+    let downloads = dir.path().join("downloads");
+    add_build(&downloads, "0.1.0");
+    let hub = start_hub(dir.path(), &downloads).await;
+    hub.create_org("acme", 5).await;
+    let token = hub.token("acme", 1, "1h").await;
+    let container = Container::start_systemd().await;
+
+    // Install: the preflight sees systemd, the agent runs as a hardened, enabled unit and is
+    // online at the hub.
+    let (code, out) = container.install(&hub, &format!("--token {token}")).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("systemd   ok") && out.contains("wrote /etc/systemd/system/gantry-agent.service"), "{out}");
+    assert!(out.contains("Logs: journalctl -u gantry-agent -f"), "{out}");
+    let agents = org_agents(&hub, "acme").await;
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let id = agents[0]["id"].as_str().unwrap().to_string();
+    assert!(out.contains(&format!("Done: agent {id} is online")), "{out}");
+    hub.wait_status(&id, "online", Duration::from_secs(30)).await;
+    assert_eq!(container.unit_property("ActiveState").await, "active");
+    assert_eq!(container.unit_property("UnitFileState").await, "enabled");
+    assert_eq!(container.unit_property("NoNewPrivileges").await, "yes");
+    assert_eq!(container.unit_property("ProtectSystem").await, "strict");
+    assert_eq!(container.unit_property("Restart").await, "always");
+    assert!(!container.exists("/run/gantry-agent.pid").await, "no background process under systemd");
+    let pid = container.unit_property("MainPID").await;
+    assert_ne!(pid, "0");
+
+    // The agent killed with SIGKILL: systemd starts it again and it comes back online.
+    let (code, out) = container.sh(&format!("kill -9 {pid}")).await;
+    assert_eq!(code, 0, "{out}");
+    let restarted = wait_for(Duration::from_secs(30), "systemd restarts the killed agent", || async {
+        let now = container.unit_property("MainPID").await;
+        (now != "0" && now != pid && container.unit_property("ActiveState").await == "active").then_some(now)
+    })
+    .await;
+    hub.wait_status(&id, "online", Duration::from_secs(30)).await;
+
+    // Re-run: nothing to change, the unit keeps its process.
+    let (code, out) = container.install(&hub, &format!("--token {token}")).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("gantry-agent.service already running") && out.contains("nothing to change"), "{out}");
+    assert_eq!(container.unit_property("MainPID").await, restarted);
+    assert_eq!(org_agents(&hub, "acme").await.len(), 1);
+
+    // Uninstall stops and removes the unit; purge revokes the agent and removes the rest.
+    let (code, out) = container.install(&hub, "--uninstall").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!container.exists("/etc/systemd/system/gantry-agent.service").await && !container.exists(BIN).await, "{out}");
+    let (_, state) = container.sh("systemctl is-active gantry-agent").await;
+    assert_ne!(state.trim(), "active", "the agent still runs after --uninstall");
+    hub.wait_status(&id, "offline", Duration::from_secs(30)).await;
+    // A purge after the binary is gone cannot sign the revocation: it removes the rest, says
+    // to revoke in the dashboard, and exits with the "hub not reached" code.
+    let (code, out) = container.install(&hub, "--purge").await;
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("cannot revoke the agent at the hub") && out.contains("revoke it in the dashboard"), "{out}");
+    container.assert_nothing_installed("--purge").await;
+    assert_eq!(hub.agent(&id).await["status"], "offline");
     hub.stop().await;
 }
 
