@@ -7,7 +7,11 @@
 //! `application/x-www-form-urlencoded`, an unknown or missing parameter answers 400;
 //! `Idempotency-Key` replays the first answer for the same parameters and refuses other
 //! parameters with `idempotency_error`; a meter event identifier seen in the last 24 h is
-//! refused. Faults on demand: 429 with `Retry-After`, and "accept then drop the
+//! refused, and so is a meter event timestamp outside Stripe's window (35 days back, 5
+//! minutes ahead); a malformed `Stripe-Version` answers 400. Answers carry every field
+//! Stripe's objects have that async-stripe's typed responses require, so the hub's typed
+//! parsing is exercised. Idempotency compares parameters as a set (form order is free, as
+//! at Stripe). Faults on demand: 429 with `Retry-After`, and "accept then drop the
 //! connection" (the event is recorded, the answer never arrives).
 //!
 //! It must not be used outside tests: it keeps everything in memory.
@@ -55,6 +59,8 @@ struct State {
     /// When each 429 was sent, and when each later request arrived.
     rate_limited_at: Vec<Instant>,
     requests: Vec<(Instant, String, String)>,
+    /// The `Stripe-Version` header of every request (`None`: not sent).
+    versions: Vec<Option<String>>,
     /// Meter events still to accept and then answer by dropping the connection.
     drop_after_accept: u32,
     replays: u32,
@@ -79,6 +85,55 @@ impl Drop for StripeStub {
 
 fn error(status: u16, kind: &str, code: &str, message: &str) -> (u16, Value) {
     (status, json!({ "error": { "type": kind, "code": code, "message": message } }))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A list object as Stripe answers it.
+fn list(url: &str, data: Vec<Value>) -> Value {
+    json!({ "object": "list", "data": data, "has_more": false, "url": url })
+}
+
+/// A customer with the fields Stripe always sends.
+fn customer_json(id: &str, name: Option<&str>, metadata: Value) -> Value {
+    json!({ "id": id, "object": "customer", "created": unix_now(), "livemode": false, "name": name, "email": null, "metadata": metadata })
+}
+
+/// A subscription with one item on `price`, with the fields Stripe always sends.
+fn subscription_json(id: &str, item: &str, customer: &str, price: &str, metadata: Value) -> Value {
+    let now = unix_now();
+    json!({ "id": id, "object": "subscription", "customer": customer, "status": "active", "metadata": metadata,
+        "automatic_tax": { "enabled": false, "liability": null }, "billing_cycle_anchor": now, "billing_mode": { "type": "classic" },
+        "billing_schedules": [], "cancel_at_period_end": false, "collection_method": "charge_automatically", "created": now,
+        "currency": "usd", "discounts": [], "invoice_settings": { "issuer": { "type": "self" } }, "livemode": false, "start_date": now,
+        "items": list(&format!("/v1/subscription_items?subscription={id}"), vec![item_json(item, id, price, now)]) })
+}
+
+/// A subscription item on `price` (a monthly licensed price of product `prod_stub`).
+fn item_json(id: &str, subscription: &str, price: &str, now: i64) -> Value {
+    json!({ "id": id, "object": "subscription_item", "created": now, "current_period_start": now, "current_period_end": now + 30 * 86_400,
+        "discounts": [], "metadata": {}, "quantity": 1, "subscription": subscription,
+        "plan": { "id": price, "object": "plan", "active": true, "billing_scheme": "per_unit", "created": now, "currency": "usd",
+            "interval": "month", "interval_count": 1, "livemode": false, "usage_type": "licensed" },
+        "price": { "id": price, "object": "price", "active": true, "billing_scheme": "per_unit", "created": now, "currency": "usd",
+            "livemode": false, "metadata": {}, "product": "prod_stub", "type": "recurring" } })
+}
+
+/// A billing meter summing `payload[value]` per `payload[stripe_customer_id]`.
+fn meter_json(event_name: &str) -> Value {
+    json!({ "id": format!("mtr_{event_name}"), "object": "billing.meter", "created": 0, "updated": 0, "display_name": event_name,
+        "event_name": event_name, "livemode": false, "status": "active", "status_transitions": { "deactivated_at": null },
+        "customer_mapping": { "event_payload_key": "stripe_customer_id", "type": "by_id" },
+        "default_aggregation": { "formula": "sum" }, "value_settings": { "event_payload_key": "value" } })
+}
+
+/// Whether `version` has the shape of a Stripe API version (`2026-09-30` or `2026-09-30.name`).
+fn version_well_formed(version: &str) -> bool {
+    let (date, name) = version.split_once('.').unwrap_or((version, "a"));
+    let digits = date.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    date.len() == 10 && digits && !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }
 
 /// `application/x-www-form-urlencoded` into pairs, in order.
@@ -168,7 +223,7 @@ impl StripeStub {
         let mut state = self.state();
         state.next_id += 1;
         let id = format!("cus_stub{}", state.next_id);
-        state.customers.insert(id.clone(), json!({ "id": id, "object": "customer", "name": org, "metadata": { "gantry_org": org } }));
+        state.customers.insert(id.clone(), customer_json(&id, Some(org), json!({ "gantry_org": org })));
         id
     }
 
@@ -191,6 +246,11 @@ impl StripeStub {
         self.state().replays
     }
 
+    /// The `Stripe-Version` header of every request so far, in order.
+    pub fn versions(&self) -> Vec<Option<String>> {
+        self.state().versions.clone()
+    }
+
     /// When the 429s were sent, and every request's arrival (time, method, path).
     pub fn timeline(&self) -> (Vec<Instant>, Vec<(Instant, String, String)>) {
         let state = self.state();
@@ -204,10 +264,19 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Result<
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let (auth, content_type, idempotency_key) = (header("authorization"), header("content-type"), header("idempotency-key"));
+    let (auth, content_type, idempotency_key, version) = (header("authorization"), header("content-type"), header("idempotency-key"), header("stripe-version"));
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
     state.requests.push((Instant::now(), method.clone(), path.clone()));
+    state.versions.push(version.clone());
+    if version.as_deref().is_some_and(|v| !version_well_formed(v)) {
+        let (status, value) = error(400, "invalid_request_error", "api_version_invalid", "Invalid Stripe API version");
+        return Ok(Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(value.to_string())))
+            .unwrap_or_default());
+    }
     let (status, value, drop_connection, retry_after, replayed) = answer(&mut state, &method, &path, &query, auth, content_type, idempotency_key, &body);
     if drop_connection {
         return Err(std::io::Error::other("stub: accepted, dropping the connection"));
@@ -251,20 +320,23 @@ fn answer(
         };
         return plain(get(state, path, &params));
     }
-    if method == "DELETE" {
-        return plain(delete(state, path));
-    }
-    if method != "POST" {
+    if method != "POST" && method != "DELETE" {
         return plain(error(404, "invalid_request_error", "resource_missing", "Unrecognized request URL"));
     }
-    if content_type.as_deref() != Some("application/x-www-form-urlencoded") {
+    if (method == "POST" || !body.is_empty()) && content_type.as_deref() != Some("application/x-www-form-urlencoded") {
         return plain(error(400, "invalid_request_error", "content_type_invalid", "Content-Type must be application/x-www-form-urlencoded"));
     }
     let params = match std::str::from_utf8(body).map_err(|e| e.to_string()).and_then(parse_form) {
         Ok(p) => p,
         Err(e) => return plain(error(400, "invalid_request_error", "parameter_invalid", &e)),
     };
-    let fingerprint = format!("{method} {path} {params:?}");
+    if method == "DELETE" {
+        return plain(delete(state, path, &params));
+    }
+    // Stripe compares the parameters, not their order in the body.
+    let mut sorted = params.clone();
+    sorted.sort();
+    let fingerprint = format!("{method} {path} {sorted:?}");
     if let Some(key) = &idempotency_key {
         if let Some((seen, status, value)) = state.idempotency.get(key) {
             if *seen != fingerprint {
@@ -325,7 +397,7 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
                 Err(e) => return e,
             };
             let id = format!("cus_stub{n}");
-            let customer = json!({ "id": id, "object": "customer", "name": p.get("name"), "metadata": metadata_of(&p) });
+            let customer = customer_json(&id, p.get("name").map(String::as_str), metadata_of(&p));
             state.customers.insert(id, customer.clone());
             (200, customer)
         }
@@ -338,8 +410,7 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
                 return error(400, "invalid_request_error", "resource_missing", &format!("No such customer: '{}'", p["customer"]));
             }
             let id = format!("sub_stub{n}");
-            let subscription = json!({ "id": id, "object": "subscription", "customer": p["customer"], "status": "active",
-                "metadata": metadata_of(&p), "items": { "data": [{ "id": format!("si_stub{n}"), "price": { "id": p["items[0][price]"] } }] } });
+            let subscription = subscription_json(&id, &format!("si_stub{n}"), &p["customer"], &p["items[0][price]"], metadata_of(&p));
             state.subscriptions.insert(id, subscription.clone());
             (200, subscription)
         }
@@ -362,13 +433,26 @@ fn post(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Val
             if state.identifiers.get(&identifier).is_some_and(|at| at.elapsed() < Duration::from_secs(24 * 3600)) {
                 return error(400, "invalid_request_error", "resource_already_exists", &format!("An event already exists with identifier {identifier}"));
             }
-            let timestamp = p.get("timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
+            let now = unix_now();
+            let timestamp = match p.get("timestamp").map(|t| t.parse::<i64>()) {
+                None => now,
+                Some(Ok(t)) if t >= now - 35 * 86_400 && t <= now + 300 => t,
+                Some(Ok(_)) => {
+                    return error(
+                        400,
+                        "invalid_request_error",
+                        "parameter_invalid",
+                        "timestamp must be within the past 35 days or up to 5 minutes in the future",
+                    )
+                }
+                Some(Err(_)) => return error(400, "invalid_request_error", "parameter_invalid", "timestamp must be an integer"),
+            };
             state.identifiers.insert(identifier.clone(), Instant::now());
             state.events.push(MeterEvent { identifier: identifier.clone(), event_name: p["event_name"].clone(), customer: customer.clone(), value, timestamp });
             (
                 200,
                 json!({ "object": "billing.meter_event", "identifier": identifier, "event_name": p["event_name"], "timestamp": timestamp,
-                "payload": { "stripe_customer_id": customer, "value": value.to_string() } }),
+                "created": now, "livemode": false, "payload": { "stripe_customer_id": customer, "value": value.to_string() } }),
             )
         }
         _ => match path.strip_prefix("/v1/subscriptions/") {
@@ -398,13 +482,17 @@ fn update_subscription(state: &mut State, id: &str, params: &[(String, String)])
     if subscription["items"]["data"][0]["id"] != p["items[0][id]"].as_str() {
         return error(400, "invalid_request_error", "resource_missing", &format!("No such subscription item: '{}'", p["items[0][id]"]));
     }
-    subscription["items"]["data"][0]["price"] = json!({ "id": p["items[0][price]"] });
+    let (item, now) = (p["items[0][id]"].clone(), unix_now());
+    subscription["items"]["data"][0] = item_json(&item, id, &p["items[0][price]"], now);
     state.price_changes += 1;
     (200, subscription.clone())
 }
 
 /// `DELETE /v1/subscriptions/{id}`: cancel it at once.
-fn delete(state: &mut State, path: &str) -> (u16, Value) {
+fn delete(state: &mut State, path: &str, params: &[(String, String)]) -> (u16, Value) {
+    if let Err(e) = check(params, &[], &["invoice_now", "prorate", "cancellation_details[*"]) {
+        return e;
+    }
     let id = path.strip_prefix("/v1/subscriptions/").unwrap_or_default();
     let Some(subscription) = state.subscriptions.get_mut(id) else {
         return error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (DELETE: {path})"));
@@ -422,9 +510,7 @@ fn get(state: &State, path: &str, params: &[(String, String)]) -> (u16, Value) {
         if let Err(e) = check(params, &[], &["limit", "status"]) {
             return e;
         }
-        let data: Vec<Value> =
-            METERS.iter().map(|name| json!({ "id": format!("mtr_{name}"), "object": "billing.meter", "event_name": name, "status": "active" })).collect();
-        return (200, json!({ "object": "list", "data": data, "has_more": false }));
+        return (200, list("/v1/billing/meters", METERS.iter().map(|name| meter_json(name)).collect()));
     }
     if let Some(kind) = path.strip_prefix("/v1/").and_then(|rest| rest.strip_suffix("/search")) {
         let p = match check(params, &["query"], &["limit", "page"]) {
@@ -442,7 +528,7 @@ fn get(state: &State, path: &str, params: &[(String, String)]) -> (u16, Value) {
             _ => return error(404, "invalid_request_error", "resource_missing", &format!("Unrecognized request URL (GET: {path})")),
         };
         let data: Vec<Value> = objects.values().filter(|o| o["metadata"][key] == value).cloned().collect();
-        return (200, json!({ "object": "search_result", "data": data, "has_more": false }));
+        return (200, json!({ "object": "search_result", "data": data, "has_more": false, "next_page": null, "url": path }));
     }
     if let Some(name) = path.strip_prefix("/v1/billing/meters/mtr_").and_then(|rest| rest.strip_suffix("/event_summaries")) {
         let p = match check(params, &["customer", "start_time", "end_time"], &["value_grouping_window", "limit"]) {
@@ -458,8 +544,9 @@ fn get(state: &State, path: &str, params: &[(String, String)]) -> (u16, Value) {
             .filter(|e| e.event_name == name && e.customer == p["customer"] && e.timestamp >= start && e.timestamp < end)
             .map(|e| e.value)
             .sum();
-        let data = vec![json!({ "object": "billing.meter_event_summary", "aggregated_value": total, "start_time": start, "end_time": end })];
-        return (200, json!({ "object": "list", "data": data, "has_more": false }));
+        let summary = json!({ "id": format!("mtrusg_{name}_{start}"), "object": "billing.meter_event_summary", "aggregated_value": total,
+            "start_time": start, "end_time": end, "livemode": false, "meter": format!("mtr_{name}") });
+        return (200, list(path, vec![summary]));
     }
     if let Some(id) = path.strip_prefix("/v1/subscriptions/").filter(|id| !id.contains('/')) {
         if let Err(e) = check(params, &[], &["expand[*"]) {

@@ -114,6 +114,11 @@ async fn customers_subscriptions_and_usage_sync_to_stripe() {
         assert!(event.identifier.starts_with("gantry_"), "{event:?}");
         assert_eq!(event.timestamp, hour / 1000);
     }
+    // Every answer parsed as async-stripe's typed object, under one pinned API version.
+    let rows = hub.hub.store.stripe_outbox(&[]).unwrap();
+    assert!(rows.iter().all(|r| r.note.is_none()), "{rows:?}");
+    let versions = stub.versions();
+    assert!(versions.iter().all(|v| v.is_some() && *v == versions[0]), "{versions:?}");
     hub.stop().await;
 }
 
@@ -313,6 +318,35 @@ async fn the_stub_is_strict_like_stripe() {
     assert_eq!(one["id"], two["id"], "same key, same params: the first answer replayed");
     let (status, body) = post(Some(SECRET_KEY), form, "name=b", Some("k1")).await;
     assert_eq!((status, body["error"]["type"].as_str()), (400, Some("idempotency_error")));
+    // The same parameters in another order are the same request.
+    let (_, first) = post(Some(SECRET_KEY), form, "name=c&metadata[gantry_org]=c", Some("k2")).await;
+    let (status, again) = post(Some(SECRET_KEY), form, "metadata[gantry_org]=c&name=c", Some("k2")).await;
+    assert_eq!((status, &first["id"]), (200, &again["id"]));
+
+    let send = |path: &'static str, version: &'static str, body: String| {
+        let url = format!("{}{path}", stub.base_url());
+        async move {
+            let request = hyper::Request::post(url)
+                .header("content-type", form)
+                .header("authorization", format!("Bearer {SECRET_KEY}"))
+                .header("stripe-version", version);
+            raw(request.body(Full::new(bytes::Bytes::from(body))).unwrap()).await
+        }
+    };
+    let (status, body) = send("/v1/customers", "yesterday", "name=a".into()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("api_version_invalid")));
+    let customer = stub.create_customer("acme");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let event = |timestamp: i64| {
+        format!("event_name=gantry_events&payload[stripe_customer_id]={customer}&payload[value]=1&identifier=id{timestamp}&timestamp={timestamp}")
+    };
+    for (timestamp, expected) in [(now - 36 * 86_400, 400), (now + 600, 400), (now - 3600, 200)] {
+        let (status, body) = send("/v1/billing/meter_events", "2026-09-30.endive", event(timestamp)).await;
+        assert_eq!(status, expected, "timestamp {timestamp} (now {now}): {body}");
+    }
+    // Arrays of objects must be indexed, as Stripe's form encoding has them.
+    let (status, body) = send("/v1/subscriptions", "2026-09-30.endive", format!("customer={customer}&items[][price]=price_x")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("parameter_unknown")));
 }
 
 // ---- webhooks ----

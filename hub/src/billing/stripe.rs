@@ -1,15 +1,18 @@
 //! Handing billing to Stripe: customer and subscription sync, usage as meter events through
 //! a durable outbox, and Stripe's webhooks (signature check and event processing).
 //!
-//! The client is a small form-encoded one on the hub's own hyper + rustls stack, not
-//! async-stripe: its newest release (1.0.0-rc.10) has a base-URL override and a rustls
-//! feature, but its executor reads only `Stripe-Should-Retry` from an answer, never
-//! `Retry-After`, and retries by its own strategy, so the outbox could not honour a 429's
-//! wait. Every write carries an
-//! `Idempotency-Key` that is a function of (org, action, version) or of the meter event's
-//! identifier, so a retry, a crash or a restart never creates a second object or a second
-//! event while Stripe remembers the key (24 h). Past that window a request whose fate is
-//! unknown is never resent blindly: the outbox asks Stripe's meter event summaries first.
+//! Requests and answers are async-stripe's (1.0 line, pinned at 1.0.0-rc.10) typed ones:
+//! `stripe_core` for customers, `stripe_billing` for subscriptions, meters, meter events
+//! and their summaries, `stripe_shared` for the objects they answer with. They travel
+//! through [`Client`], this module's implementation of `stripe_client_core::StripeClient`
+//! on the hub's own hyper + rustls stack, not async-stripe's bundled client: that one reads
+//! only `Stripe-Should-Retry` from an answer, never `Retry-After`, and may retry by its own
+//! strategy, while the outbox must see a 429's wait and decide every resend itself. Every
+//! write carries an `Idempotency-Key` that is a function of (org, action, version) or of
+//! the meter event's identifier, so a retry, a crash or a restart never creates a second
+//! object or a second event while Stripe remembers the key (24 h). Past that window a
+//! request whose fate is unknown is never resent blindly: the outbox asks Stripe's meter
+//! event summaries first.
 //!
 //! This module must not know sled: rows and events go through `store::Store`.
 
@@ -23,9 +26,19 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::Value;
 use sha2::Digest;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use stripe_billing::billing_meter::ListBillingMeter;
+use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+use stripe_billing::billing_meter_event_summary::{ListIdBillingMeterEventSummary, ListIdBillingMeterEventSummaryValueGroupingWindow};
+use stripe_billing::subscription::{
+    CancelSubscription, CreateSubscription, CreateSubscriptionItems, RetrieveSubscription, SearchSubscription, UpdateSubscription, UpdateSubscriptionItems,
+    UpdateSubscriptionProrationBehavior,
+};
+use stripe_billing::SubscriptionStatus;
+use stripe_client_core::{CustomizedStripeRequest, IdempotencyKey, RequestStrategy, StripeClient, StripeClientErr, StripeMethod, StripeRequest};
+use stripe_core::customer::{CreateCustomer, SearchCustomer};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
@@ -316,11 +329,26 @@ pub enum CallError {
     /// been processed.
     #[error("no answer from stripe: {0}")]
     Transport(String),
+    /// Stripe answered 2xx, so it processed the request, but the body is not the object
+    /// async-stripe's typed response expects.
+    #[error("stripe's answer could not be read: {0}")]
+    Unreadable(String),
+}
+
+impl StripeClientErr for CallError {
+    fn deserialize_err(msg: impl std::fmt::Display) -> Self {
+        CallError::Unreadable(msg.to_string())
+    }
 }
 
 type HttpClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// A form-encoded client for the few Stripe endpoints the hub uses.
+/// The transport under async-stripe's typed requests: implements
+/// [`stripe_client_core::StripeClient`] on the hub's hyper + rustls stack. Every request
+/// is sent exactly once, whatever [`RequestStrategy`] it carries (the outbox decides about
+/// resends, never the transport); `RequestStrategy::Idempotent` becomes the
+/// `Idempotency-Key` header; a 429 comes back as [`CallError::RateLimited`] with the wait
+/// its `Retry-After` asks for.
 #[derive(Clone)]
 pub struct Client {
     settings: Settings,
@@ -333,30 +361,9 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// `application/x-www-form-urlencoded` of `params`, in order.
-pub fn form(params: &[(&str, String)]) -> String {
-    fn escape(out: &mut String, text: &str) {
-        for byte in text.bytes() {
-            match byte {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(char::from(byte)),
-                b' ' => out.push('+'),
-                other => out.push_str(&format!("%{other:02X}")),
-            }
-        }
-    }
-    let mut out = String::new();
-    for (i, (key, value)) in params.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        escape(&mut out, key);
-        out.push('=');
-        escape(&mut out, value);
-    }
-    out
-}
-
 impl Client {
+    /// A client for the Stripe API at `settings.api_base` (TLS by rustls on ring with the
+    /// webpki roots; plain HTTP for a local stand-in).
     pub fn new(settings: Settings) -> Result<Client, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -370,56 +377,70 @@ impl Client {
         let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         Ok(Client { settings, http })
     }
+}
 
-    /// `POST path` with a form body and an idempotency key.
-    pub async fn post(&self, path: &str, params: &[(&str, String)], idempotency_key: &str) -> Result<Value, CallError> {
-        self.call(hyper::Method::POST, path, Some(form(params)), Some(idempotency_key)).await
-    }
+impl StripeClient for Client {
+    type Err = CallError;
 
-    /// `DELETE path` (Stripe's cancel of a subscription).
-    pub async fn delete(&self, path: &str) -> Result<Value, CallError> {
-        self.call(hyper::Method::DELETE, path, None, None).await
-    }
-
-    /// `GET path?query`.
-    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CallError> {
-        let path = if query.is_empty() { path.to_string() } else { format!("{path}?{}", form(query)) };
-        self.call(hyper::Method::GET, &path, None, None).await
-    }
-
-    async fn call(&self, method: hyper::Method, path: &str, body: Option<String>, idempotency_key: Option<&str>) -> Result<Value, CallError> {
-        let mut request = hyper::Request::builder()
+    async fn execute(&self, request: CustomizedStripeRequest) -> Result<Bytes, CallError> {
+        let (request, config) = request.into_pieces();
+        let idempotency_key = match config.request_strategy {
+            Some(RequestStrategy::Idempotent(key)) => Some(key),
+            // `Once`, and the retrying strategies, which this client never retries.
+            _ => None,
+        };
+        let method = match request.method {
+            StripeMethod::Get => hyper::Method::GET,
+            StripeMethod::Post => hyper::Method::POST,
+            StripeMethod::Delete => hyper::Method::DELETE,
+        };
+        let mut uri = format!("{}/v1{}", self.settings.api_base, request.path);
+        if let Some(query) = request.query.filter(|q| !q.is_empty()) {
+            uri.push('?');
+            uri.push_str(&query);
+        }
+        let mut builder = hyper::Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.settings.api_base))
+            .uri(uri)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.settings.secret_key))
-            .header(hyper::header::USER_AGENT, concat!("gantry-hub/", env!("CARGO_PKG_VERSION")));
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            .header(hyper::header::USER_AGENT, concat!("gantry-hub/", env!("CARGO_PKG_VERSION")))
+            // The API version the typed responses were generated for.
+            .header("Stripe-Version", stripe_client_core::VERSION.as_str());
+        if request.body.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
         }
-        if let Some(key) = idempotency_key {
-            request = request.header("Idempotency-Key", key);
+        if let Some(key) = &idempotency_key {
+            builder = builder.header("Idempotency-Key", key.as_str());
         }
-        let request = request.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| CallError::Transport(format!("building the request: {e}")))?;
+        let http_request =
+            builder.body(Full::new(Bytes::from(request.body.unwrap_or_default()))).map_err(|e| CallError::Transport(format!("building the request: {e}")))?;
         let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| CallError::Transport(error_text(&e)))?;
+            let response = self.http.request(http_request).await.map_err(|e| CallError::Transport(error_text(&e)))?;
             let status = response.status().as_u16();
             let retry_after = response.headers().get(hyper::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
             let bytes = response.into_body().collect().await.map_err(|e| CallError::Transport(error_text(&e)))?.to_bytes();
             Ok::<_, CallError>((status, retry_after, bytes))
         };
-        let (status, retry_after, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| CallError::Transport("timed out".into()))??;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let timeout = config.timeout.unwrap_or(REQUEST_TIMEOUT);
+        let (status, retry_after, bytes) = tokio::time::timeout(timeout, exchange).await.map_err(|_| CallError::Transport("timed out".into()))??;
         if (200..300).contains(&status) {
-            return Ok(value);
+            return Ok(bytes);
         }
         if status == 429 {
             let wait = retry_after.map_or(DEFAULT_RETRY_AFTER, Duration::from_secs).min(MAX_RETRY_AFTER);
             return Err(CallError::RateLimited(wait));
         }
+        // Stripe's error envelope `{"error": {"type", "code", "message"}}`.
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let field = |name: &str| value.pointer(&format!("/error/{name}")).and_then(Value::as_str).unwrap_or("").to_string();
         let code = if field("code").is_empty() { field("type") } else { field("code") };
         Err(CallError::Refused { status, code, message: field("message") })
     }
+}
+
+/// The strategy that sends a request once under `key` as its `Idempotency-Key`.
+fn idempotent(key: &str) -> Result<RequestStrategy, CallError> {
+    IdempotencyKey::new(key).map(RequestStrategy::Idempotent).map_err(|e| CallError::Transport(format!("idempotency key {key:?}: {e}")))
 }
 
 fn error_text(error: &dyn std::error::Error) -> String {
@@ -433,8 +454,9 @@ fn error_text(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn id_of(value: &Value) -> Result<String, CallError> {
-    value.get("id").and_then(Value::as_str).map(str::to_string).ok_or_else(|| CallError::Transport("stripe answered without an id".into()))
+/// `metadata[gantry_org] = org`: how Stripe objects name the org they belong to.
+fn org_metadata(org: &str) -> HashMap<String, String> {
+    HashMap::from([("gantry_org".to_string(), org.to_string())])
 }
 
 // ---- customer and subscription sync ----
@@ -450,8 +472,8 @@ pub fn sync_key(org: &str, action: &str, version: &str) -> String {
 /// the Stripe subscription's item to it (Stripe prorates), and a subscription canceled in
 /// the hub is canceled in Stripe. Before creating, Stripe is searched for an object already
 /// tagged with the org (made by an earlier run that died before storing its id, perhaps
-/// more than 24 h ago when the idempotency key no longer protects), which is adopted. One org's failure is logged and the others go on; a 429
-/// stops the pass and is returned.
+/// more than 24 h ago when the idempotency key no longer protects), which is adopted. One
+/// org's failure is logged and the others go on; a 429 stops the pass and is returned.
 pub async fn sync(hub: &Hub, client: &Client) -> Result<(), CallError> {
     let subscriptions = match plans::subscriptions(hub) {
         Ok(s) => s,
@@ -471,15 +493,23 @@ pub async fn sync(hub: &Hub, client: &Client) -> Result<(), CallError> {
     Ok(())
 }
 
+/// The price of a subscription's (single) item.
+fn item_price(subscription: &stripe_billing::Subscription) -> Option<String> {
+    subscription.items.data.first().map(|item| item.price.id.as_str().to_string())
+}
+
 async fn sync_org(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result<(), CallError> {
     let store_error = |e: store::Error| CallError::Transport(format!("storing stripe ids: {e}"));
     let customer = match &s.stripe_customer_id {
         Some(id) => id.clone(),
         None => {
-            let params = [("name", s.org.clone()), ("metadata[gantry_org]", s.org.clone())];
-            let id = match find_tagged(client, "customers", &s.org).await? {
+            let id = match find_tagged_customer(client, &s.org).await? {
                 Some(id) => id,
-                None => id_of(&client.post("/v1/customers", &params, &sync_key(&s.org, "customer", "v1")).await?)?,
+                None => {
+                    let create = CreateCustomer::new().name(s.org.clone()).metadata(org_metadata(&s.org));
+                    let customer = create.customize().request_strategy(idempotent(&sync_key(&s.org, "customer", "v1"))?).send(client).await?;
+                    customer.id.as_str().to_string()
+                }
             };
             plans::set_stripe_ids(hub, &s.org, Some(id.clone()), None).map_err(store_error)?;
             tracing::info!(org = %s.org, customer = %id, "stripe customer created");
@@ -495,16 +525,19 @@ async fn sync_org(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result
         }
         return change_price(hub, client, &s.org, id, &price, &version).await;
     }
-    let params = [("customer", customer), ("items[0][price]", price.clone()), ("metadata[gantry_org]", s.org.clone())];
-    let id = match find_tagged(client, "subscriptions", &s.org).await? {
-        Some(id) => id,
-        None => id_of(&client.post("/v1/subscriptions", &params, &sync_key(&s.org, "subscription", &version)).await?)?,
+    let (id, on) = match find_tagged_subscription(client, &s.org).await? {
+        // An adopted subscription may be on an older price: the next pass compares.
+        Some(found) => (found.id.as_str().to_string(), item_price(&found)),
+        None => {
+            let mut item = CreateSubscriptionItems::new();
+            item.price = Some(price.clone());
+            let create = CreateSubscription::new().customer(customer).items(vec![item]).metadata(org_metadata(&s.org));
+            let created = create.customize().request_strategy(idempotent(&sync_key(&s.org, "subscription", &version))?).send(client).await?;
+            (created.id.as_str().to_string(), item_price(&created))
+        }
     };
     plans::set_stripe_ids(hub, &s.org, None, Some(id.clone())).map_err(store_error)?;
     tracing::info!(org = %s.org, subscription = %id, "stripe subscription created");
-    // An adopted subscription may be on an older price: the next pass compares.
-    let current = client.get(&format!("/v1/subscriptions/{id}"), &[]).await?;
-    let on = current.pointer("/items/data/0/price/id").and_then(Value::as_str).map(str::to_string);
     plans::set_stripe_synced(hub, &s.org, on, false).map_err(store_error)?;
     Ok(())
 }
@@ -514,11 +547,14 @@ async fn sync_org(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result
 /// is only recorded.
 async fn change_price(hub: &Hub, client: &Client, org: &str, id: &str, price: &str, version: &str) -> Result<(), CallError> {
     let store_error = |e: store::Error| CallError::Transport(format!("storing stripe sync state: {e}"));
-    let current = client.get(&format!("/v1/subscriptions/{id}"), &[]).await?;
-    let item = current.pointer("/items/data/0/id").and_then(Value::as_str).ok_or_else(|| CallError::Transport(format!("subscription {id} has no item")))?;
-    if current.pointer("/items/data/0/price/id").and_then(Value::as_str) != Some(price) {
-        let params = [("items[0][id]", item.to_string()), ("items[0][price]", price.to_string()), ("proration_behavior", "create_prorations".to_string())];
-        client.post(&format!("/v1/subscriptions/{id}"), &params, &sync_key(org, "price", version)).await?;
+    let current = RetrieveSubscription::new(id).send(client).await?;
+    let item = current.items.data.first().ok_or_else(|| CallError::Unreadable(format!("subscription {id} has no item")))?;
+    if item.price.id.as_str() != price {
+        let mut change = UpdateSubscriptionItems::new();
+        change.id = Some(item.id.as_str().to_string());
+        change.price = Some(price.to_string());
+        let update = UpdateSubscription::new(id).items(vec![change]).proration_behavior(UpdateSubscriptionProrationBehavior::CreateProrations);
+        update.customize().request_strategy(idempotent(&sync_key(org, "price", version))?).send(client).await?;
         tracing::info!(%org, subscription = %id, %price, "stripe subscription moved to the plan's new price");
     }
     plans::set_stripe_synced(hub, org, Some(price.to_string()), false).map_err(store_error)
@@ -528,20 +564,30 @@ async fn change_price(hub: &Hub, client: &Client, org: &str, id: &str, price: &s
 /// already, e.g. it told the hub so).
 async fn cancel_subscription(hub: &Hub, client: &Client, s: &plans::Subscription) -> Result<(), CallError> {
     let Some(id) = &s.stripe_subscription_id else { return Ok(()) };
-    let current = client.get(&format!("/v1/subscriptions/{id}"), &[]).await?;
-    if current.get("status").and_then(Value::as_str) != Some("canceled") {
-        client.delete(&format!("/v1/subscriptions/{id}")).await?;
+    let current = RetrieveSubscription::new(id.as_str()).send(client).await?;
+    if current.status != SubscriptionStatus::Canceled {
+        CancelSubscription::new(id.as_str()).send(client).await?;
         tracing::info!(org = %s.org, subscription = %id, "stripe subscription canceled");
     }
     plans::set_stripe_synced(hub, &s.org, None, true).map_err(|e| CallError::Transport(format!("storing stripe sync state: {e}")))
 }
 
-/// The id of a Stripe object of `kind` (`customers`, `subscriptions`) whose metadata
-/// names `org`, through Stripe's search API. Org ids are slugs, so they need no quoting.
-async fn find_tagged(client: &Client, kind: &str, org: &str) -> Result<Option<String>, CallError> {
-    let query = [("query", format!("metadata['gantry_org']:'{org}'")), ("limit", "1".to_string())];
-    let found = client.get(&format!("/v1/{kind}/search"), &query).await?;
-    Ok(found.pointer("/data/0/id").and_then(Value::as_str).map(str::to_string))
+/// The search query for objects whose metadata names `org`. Org ids are slugs, so they
+/// need no quoting.
+fn tagged_query(org: &str) -> String {
+    format!("metadata['gantry_org']:'{org}'")
+}
+
+/// The id of a Stripe customer tagged with `org`, through Stripe's search API.
+async fn find_tagged_customer(client: &Client, org: &str) -> Result<Option<String>, CallError> {
+    let found = SearchCustomer::new(tagged_query(org)).limit(1).send(client).await?;
+    Ok(found.data.first().map(|c| c.id.as_str().to_string()))
+}
+
+/// A Stripe subscription tagged with `org`, through Stripe's search API.
+async fn find_tagged_subscription(client: &Client, org: &str) -> Result<Option<stripe_billing::Subscription>, CallError> {
+    let found = SearchSubscription::new(tagged_query(org)).limit(1).send(client).await?;
+    Ok(found.data.into_iter().next())
 }
 
 // ---- the meter-event outbox ----
@@ -658,19 +704,26 @@ pub async fn deliver(hub: &Hub, client: &Client, now_ms: i64, hook: Option<&Afte
         row.first_sent_at_ms.get_or_insert(now_ms);
         // Durably "sent" before the request leaves: a crash from here on is reconciled.
         hub.store.stripe_put_row(&row)?;
-        let params = [
-            ("event_name", event_name(row.meter)),
-            ("identifier", row.identifier.clone()),
-            ("timestamp", (row.hour_ms / 1000).to_string()),
-            ("payload[stripe_customer_id]", customer.clone()),
-            ("payload[value]", row.quantity.to_string()),
-        ];
-        match client.post("/v1/billing/meter_events", &params, &row.identifier).await {
-            Ok(_) => {
+        let payload = HashMap::from([("stripe_customer_id".to_string(), customer.clone()), ("value".to_string(), row.quantity.to_string())]);
+        let event = CreateBillingMeterEvent::new(event_name(row.meter), payload).identifier(row.identifier.clone()).timestamp(row.hour_ms / 1000);
+        let sent = match idempotent(&row.identifier) {
+            Ok(strategy) => event.customize().request_strategy(strategy).send(client).await,
+            Err(error) => Err(error),
+        };
+        match sent {
+            // A 2xx whose body does not parse was still recorded by Stripe.
+            answered @ (Ok(_) | Err(CallError::Unreadable(_))) => {
                 if hook.is_some_and(|hook| hook(&row)) {
                     return Ok(None);
                 }
-                confirm(hub, row, now_ms, None)?;
+                let note = match answered {
+                    Err(error) => {
+                        tracing::warn!(identifier = %row.identifier, %error, "stripe recorded a meter event with an unreadable answer");
+                        Some(format!("stripe answered 2xx: {error}"))
+                    }
+                    Ok(_) => None,
+                };
+                confirm(hub, row, now_ms, note)?;
             }
             Err(CallError::RateLimited(wait)) => {
                 // Stripe processed nothing: back to where the row stood.
@@ -714,14 +767,8 @@ enum ReconcileError {
 
 /// Stripe meter ids by event name.
 async fn list_meters(client: &Client) -> Result<BTreeMap<String, String>, CallError> {
-    let list = client.get("/v1/billing/meters", &[("limit", "100".to_string())]).await?;
-    let mut meters = BTreeMap::new();
-    for meter in list.get("data").and_then(Value::as_array).into_iter().flatten() {
-        if let (Some(id), Some(name)) = (meter.get("id").and_then(Value::as_str), meter.get("event_name").and_then(Value::as_str)) {
-            meters.insert(name.to_string(), id.to_string());
-        }
-    }
-    Ok(meters)
+    let list = ListBillingMeter::new().limit(100).send(client).await?;
+    Ok(list.data.into_iter().map(|meter| (meter.event_name, meter.id.as_str().to_string())).collect())
 }
 
 /// Decide a row whose request left more than 24 h ago with no known outcome, from Stripe's
@@ -737,21 +784,15 @@ async fn reconcile(hub: &Hub, client: &Client, meters: Option<&BTreeMap<String, 
             message: format!("no stripe meter has event name {}", event_name(row.meter)),
         }));
     };
-    let query = [
-        ("customer", customer.to_string()),
-        ("start_time", (row.hour_ms / 1000).to_string()),
-        ("end_time", ((row.hour_ms + HOUR_MS) / 1000).to_string()),
-        ("value_grouping_window", "hour".to_string()),
-    ];
-    let summary = client.get(&format!("/v1/billing/meters/{meter_id}/event_summaries"), &query).await.map_err(ReconcileError::Call)?;
-    let in_stripe: i64 = summary
-        .get("data")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.get("aggregated_value").and_then(Value::as_f64))
-        .map(|v| v as i64)
-        .sum();
+    let start = row.hour_ms / 1000;
+    let end = (row.hour_ms + HOUR_MS) / 1000;
+    let summaries = ListIdBillingMeterEventSummary::new(meter_id.as_str(), customer, end, start)
+        .value_grouping_window(ListIdBillingMeterEventSummaryValueGroupingWindow::Hour)
+        .send(client)
+        .await
+        .map_err(ReconcileError::Call)?;
+    // Meter values are integers here: the hub only ever sends whole units.
+    let in_stripe: i64 = summaries.data.iter().map(|s| s.aggregated_value.round() as i64).sum();
     let same_hour: Vec<OutboxRow> = hub
         .store
         .stripe_outbox(&[])
@@ -918,10 +959,5 @@ mod tests {
         assert!(matches!(plan_for(&old, now), Plan::Fallback(_)));
         assert_eq!(plan_for(&OutboxRow { state: OutboxState::Sent, ..old }, now), Plan::Reconcile);
         assert!(matches!(plan_for(&OutboxRow { quantity: -2, state: OutboxState::Pending, ..row }, now), Plan::Fallback(_)));
-    }
-
-    #[test]
-    fn forms_are_percent_encoded() {
-        assert_eq!(form(&[("metadata[gantry_org]", "a b&c".into()), ("x", "é".into())]), "metadata%5Bgantry_org%5D=a+b%26c&x=%C3%A9");
     }
 }
