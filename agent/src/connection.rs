@@ -31,7 +31,9 @@ pub enum RunError {
     CertificateExpired { expired_at: i64 },
     #[error("the hub refused this agent's certificate ({reason}); the hub may have been re-initialised: re-enroll this machine with a new token")]
     CertificateRejected { reason: String },
-    #[error("hub CA fingerprint mismatch at {addr}: the server there is not the hub this agent enrolled with")]
+    #[error(
+        "hub CA fingerprint mismatch at {addr}: the server there presents none of the CAs this agent pins; either it is not the hub this agent enrolled with, or the hub's CA was renewed while this agent was offline: re-enroll this machine with a new token"
+    )]
     CaMismatch { addr: String },
     #[error("{0:#}")]
     Local(#[from] anyhow::Error),
@@ -226,15 +228,16 @@ async fn connect_once(
     if wall_ms() / 1000 >= not_after {
         return Ended::Fatal(RunError::CertificateExpired { expired_at: not_after });
     }
-    let ca_sha256 = match identity.ca_sha256_bytes() {
-        Ok(fp) => fp,
+    // Reread: the hub may have announced further CAs since this run started.
+    let pins = match state.load_identity().unwrap_or_else(|_| identity.clone()).pinned_cas() {
+        Ok(pins) => pins,
         Err(error) => return Ended::Fatal(RunError::Local(error)),
     };
     let remote = match resolve(hub_addr).await {
         Ok(remote) => remote,
         Err(error) => return lost(format!("{error:#}")),
     };
-    let (client_config, mismatch) = match crate::tls::client_config(ca_sha256, Some((chain, key))) {
+    let (client_config, mismatch) = match crate::tls::client_config_pinning(pins, Some((chain, key))) {
         Ok(pair) => pair,
         Err(error) => return Ended::Fatal(RunError::Local(error)),
     };
@@ -354,6 +357,9 @@ async fn session(
                     match state.save_credentials(&renewed.cert_chain_der, Some(&key.serialize_pem())) {
                         Ok(()) => {
                             info!(not_after = renewed.not_after_unix, "certificate renewed");
+                            // Signed by the hub's next CA during a rotation: pin that too.
+                            let signer: Vec<String> = renewed.cert_chain_der.last().map(|ca| crate::tls::fingerprint_hex(ca)).into_iter().collect();
+                            learn_cas(state, identity, &signer);
                             let not_before = renewed.cert_chain_der.first().and_then(|c| crate::state::validity(c)).map(|v| v.0);
                             renew_at = renewal_time(not_before.unwrap_or(wall_ms() / 1000), renewed.not_after_unix, config.renew_at_fraction, rand::random());
                             renew_retry = Duration::from_secs(60);
@@ -378,6 +384,7 @@ async fn session(
                     }
                 }
                 SessionEvent::Message(HubMessage::Checks(set)) => checks.submit(set),
+                SessionEvent::Message(HubMessage::TrustedCas(trusted)) => learn_cas(state, identity, &trusted.ca_sha256),
                 SessionEvent::Message(HubMessage::Action(request)) => {
                     while actions.try_join_next().is_some() {}
                     if actions.len() >= crate::support::MAX_RUNNING {
@@ -436,6 +443,18 @@ async fn session(
             }
             Some(reply) = results.recv() => session.queue(AgentMessage::ActionResult(Box::new(reply))),
             error = connection.closed() => return classify_close(&error, identity, established),
+        }
+    }
+}
+
+/// Pin further hub CAs in `identity.json` (announced by the hub, or the signer of a renewed
+/// certificate). The session they came over was verified against a pinned CA.
+fn learn_cas(state: &StateDir, identity: &Identity, announced: &[String]) {
+    let mut current = state.load_identity().unwrap_or_else(|_| identity.clone());
+    if current.learn_cas(announced.iter().map(String::as_str)) {
+        match state.save_identity(&current) {
+            Ok(()) => info!(pinned = ?current.extra_ca_sha256, "pinned further hub CAs"),
+            Err(error) => warn!(error = %format!("{error:#}"), "could not save the hub's further CAs"),
         }
     }
 }

@@ -69,14 +69,20 @@ pub async fn enroll_with_labels(
     }
     state.create()?;
     state.save_credentials(&enrolled.cert_chain_der, Some(&key.serialize_pem()))?;
-    let identity = Identity {
+    let mut identity = Identity {
         agent_id: enrolled.agent_id,
         org: enrolled.org,
         hub_addr: token.hub_addr.clone(),
         ca_sha256: token.ca_fingerprint_hex(),
         labels: enrolled.labels,
         enrolled_at_unix: crate::wall_ms() / 1000,
+        extra_ca_sha256: Vec::new(),
     };
+    // During a CA rotation the certificate comes from the hub's next CA; the hub was
+    // verified against the token's CA, so pin the new one too.
+    if let Some(ca) = enrolled.cert_chain_der.last() {
+        identity.learn_cas([crate::tls::fingerprint_hex(ca).as_str()]);
+    }
     state.save_identity(&identity)?;
     Ok(Enrollment { identity, not_after_unix: enrolled.not_after_unix })
 }

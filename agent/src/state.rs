@@ -1,6 +1,6 @@
 //! The agent's state directory: its identity, key and certificate.
 //!
-//! Files: `identity.json` (agent id, org, hub address, pinned CA fingerprint),
+//! Files: `identity.json` (agent id, org, hub address, pinned CA fingerprints),
 //! `agent.key` and `agent.crt` (mode 0600), `ca.crt`. Every write goes to a temporary file
 //! that is synced and renamed, so a crash leaves either the old or the new file, never a
 //! torn one. `identity.json` is written last: its presence means enrollment completed.
@@ -25,20 +25,64 @@ pub struct Identity {
     pub ca_sha256: String,
     pub labels: Vec<(String, String)>,
     pub enrolled_at_unix: i64,
+    /// SHA-256 (hex) of further hub CAs, learnt from the hub itself over a verified session
+    /// (a CA rotation staged or done); the hub is trusted when its certificate chains to
+    /// any pinned CA.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_ca_sha256: Vec<String>,
 }
+
+/// Most extra CA fingerprints an identity keeps; the oldest go first.
+pub const MAX_EXTRA_CAS: usize = 4;
 
 impl Identity {
     /// The pinned fingerprint as bytes.
     pub fn ca_sha256_bytes(&self) -> anyhow::Result<[u8; 32]> {
-        let text = self.ca_sha256.as_bytes();
-        anyhow::ensure!(text.len() == 64, "identity.json: ca_sha256 must be 64 hex digits");
-        let mut out = [0u8; 32];
-        for (i, pair) in text.chunks(2).enumerate() {
-            let s = std::str::from_utf8(pair)?;
-            out[i] = u8::from_str_radix(s, 16).context("identity.json: ca_sha256 is not hex")?;
+        fingerprint_bytes(&self.ca_sha256)
+    }
+
+    /// Every pinned CA fingerprint: the one from the enrollment token, then those learnt
+    /// since.
+    pub fn pinned_cas(&self) -> anyhow::Result<Vec<[u8; 32]>> {
+        let mut out = vec![self.ca_sha256_bytes()?];
+        for text in &self.extra_ca_sha256 {
+            let fingerprint = fingerprint_bytes(text)?;
+            if !out.contains(&fingerprint) {
+                out.push(fingerprint);
+            }
         }
         Ok(out)
     }
+
+    /// Pin the CAs in `announced` (hex fingerprints; malformed ones are skipped) besides
+    /// those pinned already, keeping at most [`MAX_EXTRA_CAS`] extra ones. Whether anything
+    /// changed.
+    pub fn learn_cas<'a>(&mut self, announced: impl IntoIterator<Item = &'a str>) -> bool {
+        let mut changed = false;
+        for text in announced {
+            let text = text.to_ascii_lowercase();
+            if fingerprint_bytes(&text).is_err() || text == self.ca_sha256 || self.extra_ca_sha256.contains(&text) {
+                continue;
+            }
+            self.extra_ca_sha256.push(text);
+            changed = true;
+        }
+        let excess = self.extra_ca_sha256.len().saturating_sub(MAX_EXTRA_CAS);
+        self.extra_ca_sha256.drain(..excess);
+        changed
+    }
+}
+
+/// A SHA-256 fingerprint from 64 hex digits.
+fn fingerprint_bytes(text: &str) -> anyhow::Result<[u8; 32]> {
+    let text = text.as_bytes();
+    anyhow::ensure!(text.len() == 64, "identity.json: CA fingerprints must be 64 hex digits");
+    let mut out = [0u8; 32];
+    for (i, pair) in text.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair)?;
+        out[i] = u8::from_str_radix(s, 16).context("identity.json: a CA fingerprint is not hex")?;
+    }
+    Ok(out)
 }
 
 /// Paths inside a state directory.
@@ -147,4 +191,43 @@ pub fn validity(cert: &[u8]) -> Option<(i64, i64)> {
     use x509_parser::prelude::*;
     let (_, parsed) = X509Certificate::from_der(cert).ok()?;
     Some((parsed.validity().not_before.timestamp(), parsed.validity().not_after.timestamp()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            agent_id: "agt_1".into(),
+            org: "acme".into(),
+            hub_addr: "hub:7443".into(),
+            ca_sha256: "aa".repeat(32),
+            labels: vec![],
+            enrolled_at_unix: 0,
+            extra_ca_sha256: vec![],
+        }
+    }
+
+    #[test]
+    fn learnt_cas_are_added_checked_and_capped() {
+        let mut id = identity();
+        assert!(!id.learn_cas(["aa".repeat(32).as_str(), "not hex", "bb"]), "the enrolled CA and malformed values add nothing");
+        assert!(id.learn_cas(["BB".repeat(32).as_str()]));
+        assert!(!id.learn_cas(["bb".repeat(32).as_str()]), "already pinned");
+        assert_eq!(id.pinned_cas().unwrap(), vec![[0xaa; 32], [0xbb; 32]]);
+        let many: Vec<String> = ["c", "d", "e", "f"].iter().map(|d| d.repeat(64)).collect();
+        assert!(id.learn_cas(many.iter().map(String::as_str)));
+        assert_eq!(id.extra_ca_sha256, many, "the oldest learnt CA goes first");
+        assert_eq!(id.pinned_cas().unwrap()[0], [0xaa; 32], "the enrolled CA is always kept");
+    }
+
+    #[test]
+    fn identities_without_learnt_cas_read_and_write_as_before() {
+        let old =
+            r#"{"agent_id":"agt_1","org":"acme","hub_addr":"hub:7443","ca_sha256":"AA","labels":[],"enrolled_at_unix":0}"#.replace("AA", &"aa".repeat(32));
+        let parsed: Identity = serde_json::from_str(&old).unwrap();
+        assert_eq!(parsed, identity());
+        assert!(!serde_json::to_string(&parsed).unwrap().contains("extra_ca_sha256"));
+    }
 }

@@ -1,8 +1,9 @@
 //! The agent's TLS setup: trust the hub only through the CA fingerprint pinned at
 //! enrollment, and present the agent certificate on every session.
 //!
-//! No system trust store is consulted: an agent trusts exactly one CA, the one whose SHA-256
-//! came in its enrollment token.
+//! No system trust store is consulted: an agent trusts the CA whose SHA-256 came in its
+//! enrollment token, and the further CAs that hub announced over a verified session (a CA
+//! rotation), nothing else.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -18,10 +19,15 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Verifies the hub's certificate chain against the pinned CA fingerprint.
+/// SHA-256 of a DER certificate as lowercase hex: how CAs are pinned.
+pub fn fingerprint_hex(der: &[u8]) -> String {
+    gantry_shared::token::hex(&Sha256::digest(der))
+}
+
+/// Verifies the hub's certificate chain against the pinned CA fingerprints.
 #[derive(Debug)]
 pub struct PinnedCa {
-    ca_sha256: [u8; 32],
+    pins: Vec<[u8; 32]>,
     provider: Arc<CryptoProvider>,
     /// Set when the hub presented a chain without the pinned CA, so the caller can say so
     /// plainly instead of reporting a generic handshake failure.
@@ -29,9 +35,15 @@ pub struct PinnedCa {
 }
 
 impl PinnedCa {
+    /// A verifier pinning one CA.
     pub fn new(ca_sha256: [u8; 32]) -> (Arc<PinnedCa>, Arc<AtomicBool>) {
+        Self::any_of(vec![ca_sha256])
+    }
+
+    /// A verifier accepting a hub chain that carries any of `pins`.
+    pub fn any_of(pins: Vec<[u8; 32]>) -> (Arc<PinnedCa>, Arc<AtomicBool>) {
         let mismatch = Arc::new(AtomicBool::new(false));
-        let verifier = PinnedCa { ca_sha256, provider: provider(), mismatch: mismatch.clone() };
+        let verifier = PinnedCa { pins, provider: provider(), mismatch: mismatch.clone() };
         (Arc::new(verifier), mismatch)
     }
 }
@@ -45,7 +57,7 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let pinned = intermediates.iter().find(|c| Sha256::digest(c.as_ref()).as_slice() == self.ca_sha256);
+        let pinned = intermediates.iter().find(|c| self.pins.iter().any(|pin| Sha256::digest(c.as_ref()).as_slice() == pin));
         let Some(ca) = pinned else {
             self.mismatch.store(true, Ordering::SeqCst);
             return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
@@ -77,7 +89,15 @@ pub fn client_config(
     ca_sha256: [u8; 32],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> anyhow::Result<(quinn::ClientConfig, Arc<AtomicBool>)> {
-    let (verifier, mismatch) = PinnedCa::new(ca_sha256);
+    client_config_pinning(vec![ca_sha256], identity)
+}
+
+/// Like [`client_config`], accepting a hub whose chain carries any of `pins`.
+pub fn client_config_pinning(
+    pins: Vec<[u8; 32]>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> anyhow::Result<(quinn::ClientConfig, Arc<AtomicBool>)> {
+    let (verifier, mismatch) = PinnedCa::any_of(pins);
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

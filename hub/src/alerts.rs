@@ -331,6 +331,33 @@ pub fn backup_conditions(status: &crate::backup::BackupStatus) -> Vec<Condition>
     }]
 }
 
+/// The hub-wide `ca_expiring` alert fires this long before the current CA expires: a CA
+/// rotation needs at least one agent certificate lifetime of overlap.
+pub const CA_EXPIRY_WARNING: Duration = Duration::from_secs(180 * 24 * 3600);
+/// The `ca_expiring` alert turns critical this long before the current CA expires.
+pub const CA_EXPIRY_CRITICAL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `ca_expiring`: the current hub CA expires within [`CA_EXPIRY_WARNING`] (critical within
+/// [`CA_EXPIRY_CRITICAL`]). It holds until a new CA is promoted (`gantry-hub rotate-ca`).
+pub fn ca_conditions(cas: &[crate::pki::CaInfo], now_ms: i64) -> Vec<Condition> {
+    let Some(current) = cas.iter().find(|ca| ca.role == crate::pki::CaRole::Current) else { return Vec::new() };
+    let left_secs = current.not_after_unix - now_ms / 1000;
+    if left_secs > CA_EXPIRY_WARNING.as_secs() as i64 {
+        return Vec::new();
+    }
+    let staged = cas.iter().any(|ca| ca.role == crate::pki::CaRole::Next);
+    let step = if staged { "promote the staged next CA with `gantry-hub rotate-ca --promote`" } else { "renew it with `gantry-hub rotate-ca`" };
+    vec![Condition {
+        key: "ca_expiring".to_string(),
+        rule: "ca_expiring",
+        severity: if left_secs <= CA_EXPIRY_CRITICAL.as_secs() as i64 { "critical" } else { "warning" },
+        summary: format!("hub CA {} expires at {}; {step}", current.sha256, crate::api::rfc3339(current.not_after_unix.saturating_mul(1000))),
+        agent: None,
+        check: None,
+        deployment: None,
+    }]
+}
+
 /// Reconcile one org's open alerts with the conditions that hold now.
 pub fn evaluate_org(hub: &Hub, org: &str, now_ms: i64) -> Result<(), crate::store::Error> {
     let rules = hub.store.alert_rules(org)?;
@@ -573,5 +600,25 @@ mod tests {
         assert!(found[1].summary.contains("95.5 %"), "{}", found[1].summary);
         f.last_drop_ms = Some(NOW - 901_000);
         assert!(!conditions(&AlertRules::default(), &[f], 0, NOW).iter().any(|c| c.rule == "spool_dropping"), "quiet long enough");
+    }
+
+    #[test]
+    fn an_expiring_hub_ca_warns_then_turns_critical_and_names_the_next_step() {
+        use crate::pki::{CaInfo, CaRole};
+        let day = 86_400;
+        let ca = |role, days_left: i64| CaInfo {
+            role,
+            sha256: "ab".repeat(32),
+            name: String::new(),
+            not_before_unix: 0,
+            not_after_unix: NOW / 1000 + days_left * day,
+        };
+        assert!(ca_conditions(&[ca(CaRole::Current, 181)], NOW).is_empty());
+        let found = ca_conditions(&[ca(CaRole::Current, 179)], NOW);
+        assert_eq!((found[0].rule, found[0].severity), ("ca_expiring", "warning"));
+        assert!(found[0].summary.contains("gantry-hub rotate-ca`"), "{}", found[0].summary);
+        let found = ca_conditions(&[ca(CaRole::Current, 10), ca(CaRole::Next, 3650)], NOW);
+        assert_eq!(found[0].severity, "critical");
+        assert!(found[0].summary.contains("--promote"), "{}", found[0].summary);
     }
 }

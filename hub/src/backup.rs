@@ -886,7 +886,8 @@ fn record_attempt(hub: &Hub, outcome: &anyhow::Result<(PathBuf, u64)>) {
 
 /// Reconcile the hub-wide alerts (scope [`HUB_ALERT_SCOPE`]) with what holds now.
 pub fn evaluate_alerts(hub: &Hub, now_ms: i64) -> Result<(), crate::store::Error> {
-    let holding = crate::alerts::backup_conditions(&status(hub));
+    let mut holding = crate::alerts::backup_conditions(&status(hub));
+    holding.extend(crate::alerts::ca_conditions(&hub.pki.cas(), now_ms));
     for open in hub.store.open_alerts_of_org(HUB_ALERT_SCOPE)? {
         if !holding.iter().any(|c| c.key == open.key) {
             if let Some(resolved) = hub.store.resolve_alert(HUB_ALERT_SCOPE, &open.key, now_ms)? {

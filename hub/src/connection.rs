@@ -242,6 +242,14 @@ async fn session(hub: Arc<Hub>, connection: quinn::Connection, identity: crate::
                     if let Err(error) = stored {
                         warn!(%error, "could not record agent connection");
                     }
+                    if version >= gantry_shared::TRUSTED_CAS_VERSION {
+                        // Right behind the welcome, so an agent learns a staged CA on its
+                        // first session after the hub starts trusting it. Only CAs that may
+                        // sign the hub's server certificate: a retiring one never will again.
+                        let cas = hub.pki.cas().into_iter().filter(|ca| ca.role != crate::pki::CaRole::Retiring);
+                        let ca_sha256 = cas.map(|ca| ca.sha256).collect();
+                        session.queue(HubMessage::TrustedCas(gantry_shared::message::TrustedCas { ca_sha256 }));
+                    }
                     info!(version, clock_skew_ms, "agent online");
                     crate::orchestrator::agent_connected(&hub, &agent_id, &identity.org);
                     crate::checks::agent_connected(&hub, &agent_id);
@@ -370,7 +378,7 @@ async fn renew(hub: &Arc<Hub>, identity: &crate::pki::AgentIdentity, csr_der: &[
         Ok(Some(agent)) if agent.revoked_at_ms.is_none() => {
             Metrics::inc(&hub.metrics.certificates_renewed);
             info!(not_after = issued.not_after_unix, "certificate renewed");
-            HubMessage::Renewed(Renewed { cert_chain_der: vec![issued.der, hub.pki.ca_der().to_vec()], not_after_unix: issued.not_after_unix })
+            HubMessage::Renewed(Renewed { cert_chain_der: vec![issued.der, hub.pki.signing_ca_der().to_vec()], not_after_unix: issued.not_after_unix })
         }
         Ok(_) => HubMessage::RenewRefused { reason: "agent is revoked or unknown".into() },
         Err(error) => {

@@ -169,9 +169,13 @@ fn enroll_inner(hub: &Hub, request: &EnrollRequest) -> Result<Enrolled, EnrollRe
         ..Agent::default()
     };
     match hub.store.enroll(&token.id, now, &agent).map_err(internal)? {
-        Ok(_) => {
-            Ok(Enrolled { agent_id, org: token.org, cert_chain_der: vec![cert.der, hub.pki.ca_der().to_vec()], not_after_unix: cert.not_after_unix, labels })
-        }
+        Ok(_) => Ok(Enrolled {
+            agent_id,
+            org: token.org,
+            cert_chain_der: vec![cert.der, hub.pki.signing_ca_der().to_vec()],
+            not_after_unix: cert.not_after_unix,
+            labels,
+        }),
         Err(EnrollError::UnknownToken) => Err(EnrollRefusal::UnknownToken),
         Err(EnrollError::TokenExpired) => Err(EnrollRefusal::TokenExpired),
         Err(EnrollError::TokenUsedUp) | Err(EnrollError::TokenRevoked) => Err(EnrollRefusal::TokenUsedUp),

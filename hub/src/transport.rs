@@ -1,7 +1,7 @@
 //! QUIC endpoint setup for agent connections: TLS 1.3 with the hub's server certificate,
-//! client certificates verified against the hub CA (optional at the TLS layer, because
-//! enrollment connections have none; the session layer refuses anything but enrollment
-//! without one), and every transport limit set explicitly from [`QuicLimits`].
+//! client certificates verified against every CA the hub trusts (optional at the TLS layer,
+//! because enrollment connections have none; the session layer refuses anything but
+//! enrollment without one), and every transport limit set explicitly from [`QuicLimits`].
 
 use crate::config::{Config, QuicLimits};
 use crate::pki::Pki;
@@ -34,7 +34,11 @@ pub fn transport_config(limits: &QuicLimits) -> quinn::TransportConfig {
 pub fn server_config(pki: &Pki, config: &Config) -> anyhow::Result<quinn::ServerConfig> {
     let provider = gantry_agent::tls::provider();
     let mut roots = RootCertStore::empty();
-    roots.add(pki.ca_der().clone()).context("adding the CA to the client trust store")?;
+    // Every CA the hub trusts (current, next, retiring), so agents keep connecting across
+    // a CA rotation.
+    for ca in pki.trusted_ders() {
+        roots.add(ca).context("adding a CA to the client trust store")?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()

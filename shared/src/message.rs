@@ -146,6 +146,17 @@ pub struct Renewed {
     pub not_after_unix: i64,
 }
 
+/// The CAs that may sign the hub's server certificate (the current one and a staged next
+/// one), sent right after the [`Welcome`] on sessions of protocol version 2 and later. The
+/// agent adds these fingerprints to the ones it pins, so it keeps trusting the hub after
+/// the hub's CA is rotated. Sent over a session whose hub certificate the agent already
+/// verified against a pinned CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedCas {
+    /// SHA-256 (hex) of each CA certificate, the current CA first.
+    pub ca_sha256: Vec<String>,
+}
+
 /// Named telemetry stream; one QUIC stream per class so a log flood never delays control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum StreamClass {
@@ -354,6 +365,9 @@ pub enum HubMessage {
     /// A support action (container lifecycle, logs, exec, diagnostics); the agent answers
     /// with [`AgentMessage::ActionResult`] under the same id.
     Action(Box<crate::support::ActionRequest>),
+    /// The CAs agents may pin (protocol version 2 and later only: a version 1 agent cannot
+    /// decode it).
+    TrustedCas(TrustedCas),
 }
 
 #[cfg(test)]

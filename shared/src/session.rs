@@ -545,6 +545,7 @@ fn hub_message_name(msg: &HubMessage) -> &'static str {
         HubMessage::RemoveDeployment { .. } => "RemoveDeployment",
         HubMessage::Checks(_) => "Checks",
         HubMessage::Action(_) => "Action",
+        HubMessage::TrustedCas(_) => "TrustedCas",
     }
 }
 
@@ -1094,9 +1095,10 @@ mod tests {
 
     #[test]
     fn version_mismatch_is_a_clear_error_on_both_sides() {
-        let mut w = World::new(VersionRange { min: 2, max: 3 }, SessionConfig::default());
+        let (min, max) = (crate::PROTOCOL_VERSION_MAX + 1, crate::PROTOCOL_VERSION_MAX + 2);
+        let mut w = World::new(VersionRange { min, max }, SessionConfig::default());
         w.run_for(ms(100));
-        let expected = "no protocol version in common: agent speaks 2..=3, hub speaks 1..=1";
+        let expected = format!("no protocol version in common: agent speaks {min}..={max}, hub speaks 1..={}", crate::PROTOCOL_VERSION_MAX);
         assert_eq!(w.hub_errors.len(), 1);
         assert_eq!(w.hub_errors[0].1.code(), ErrorCode::VersionUnsupported);
         assert_eq!(w.hub_errors[0].1.to_string(), expected);
@@ -1119,7 +1121,7 @@ mod tests {
             Welcome { version: 9, agent_id: "a".into(), org: "o".into(), heartbeat_interval_ms: 5_000, liveness_timeout_ms: 15_000, hub_clock_unix_ms: 0 };
         let err = agent.handle_message(Timestamp(1), 1, HubMessage::Welcome(welcome)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::VersionUnsupported);
-        assert_eq!(err.to_string(), "no protocol version in common: agent speaks 1..=1, hub speaks 9..=9");
+        assert_eq!(err.to_string(), format!("no protocol version in common: agent speaks 1..={}, hub speaks 9..=9", crate::PROTOCOL_VERSION_MAX));
         assert!(!agent.is_established());
         assert_eq!(agent.poll_event(), None);
     }
