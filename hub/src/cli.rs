@@ -1,5 +1,5 @@
 //! Command line of `gantry-hub`: `init`, `serve`, `quickstart`, `token create`, `deploy`,
-//! `audit verify`, `billing export`, `backup`, `restore` and `rotate-key`.
+//! `audit verify`, `billing export`, `org export`, `backup`, `restore`, `rotate-key` and `rotate-ca`.
 //!
 //! Parses flags, loads the config once, sets up logging and calls the library. `token
 //! create` talks to a running hub over its HTTP API (the store is locked by the server), with
@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: BillingCommand,
     },
+    /// Customer data of one org.
+    Org {
+        #[command(subcommand)]
+        command: OrgCommand,
+    },
     /// Take an encrypted backup of the running hub (store and key material), through its
     /// API (`POST /api/v1/backups`), into a file.
     Backup {
@@ -112,6 +117,26 @@ enum Command {
         reencrypt_only: bool,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Renew the hub CA that agents pin, without re-enrolling them, in steps that each take
+    /// effect when the hub next starts: without flags, stage a next CA (agents learn it as
+    /// they connect); `--promote` makes it current once agents have learnt it;
+    /// `--retire-old` stops trusting the replaced CA once agents have renewed their
+    /// certificates. Works on the files in `DATA/pki/`.
+    RotateCa {
+        /// Data directory of the hub.
+        #[arg(long, env = "GANTRY_DATA", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// Make the staged next CA current (the hub's server certificate and new tokens
+        /// then use it; certificates of the replaced CA stay accepted).
+        #[arg(long, conflicts_with_all = ["retire_old", "status"])]
+        promote: bool,
+        /// Stop accepting agent certificates of the CA the last promotion replaced.
+        #[arg(long, conflicts_with = "status")]
+        retire_old: bool,
+        /// Only show the CAs the hub trusts.
+        #[arg(long)]
+        status: bool,
     },
 }
 
@@ -159,6 +184,31 @@ enum BillingCommand {
         /// `csv`, `json` or `cloudevents` (JSON lines).
         #[arg(long, default_value = "csv")]
         format: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OrgCommand {
+    /// Download everything the hub holds of one org (a tar of JSON-lines files with a
+    /// manifest) from the running hub's API (`GET /api/v1/orgs/{org}/export`) into a file.
+    Export {
+        /// The org.
+        #[arg(long)]
+        org: String,
+        /// File to write (replaced only once the whole archive arrived).
+        #[arg(long)]
+        out: PathBuf,
+        /// Telemetry from (inclusive): RFC 3339 or Unix milliseconds; all when absent.
+        #[arg(long)]
+        from: Option<String>,
+        /// Telemetry until (exclusive): RFC 3339 or Unix milliseconds; up to now when absent.
+        #[arg(long)]
+        to: Option<String>,
+        /// Include metric samples.
+        #[arg(long)]
+        metrics: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -257,6 +307,29 @@ enum TokenCommand {
     },
 }
 
+/// `gantry-hub rotate-ca`: one step of a CA rotation, then the CAs the hub trusts.
+fn rotate_ca(data: &Path, promote: bool, retire_old: bool, status: bool) -> anyhow::Result<()> {
+    use crate::pki::Pki;
+    anyhow::ensure!(Pki::exists(data), "{} holds no hub CA; run `gantry-hub init` first", data.display());
+    let restart = "restart the hub to apply it";
+    if promote {
+        Pki::promote_next(data)?;
+        println!("promoted the next CA to current; {restart} (its server certificate is then reissued by the new CA)");
+    } else if retire_old {
+        let old = Pki::retire_old(data)?;
+        println!("retired CA {}; {restart} (agents still holding a certificate it signed can no longer connect)", old.sha256);
+    } else if !status {
+        let next = Pki::stage_next(data)?;
+        println!("staged next CA {}; {restart}, then promote it once every agent has connected", next.sha256);
+    }
+    println!("{:<9} {:<64} not after", "role", "sha256");
+    for ca in Pki::load(data)?.cas() {
+        let role = serde_json::to_value(ca.role)?.as_str().unwrap_or_default().to_string();
+        println!("{role:<9} {} {}", ca.sha256, crate::api::rfc3339(ca.not_after_unix.saturating_mul(1000)));
+    }
+    Ok(())
+}
+
 /// The whole program.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -330,7 +403,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             std::io::stdout().write_all(&bytes).context("writing the export")?;
             Ok(())
         }
+        Command::Org { command: OrgCommand::Export { org, out, from, to, metrics, remote } } => {
+            let mut path = format!("/api/v1/orgs/{}/export?metrics={metrics}", query_value(&org));
+            for (name, value) in [("from", from), ("to", to)] {
+                if let Some(value) = value {
+                    path.push_str(&format!("&{name}={}", query_value(&value)));
+                }
+            }
+            let bytes = download_to_file(&remote, &path, &out).await?;
+            println!("export of org {org} written to {} ({bytes} bytes)", out.display());
+            Ok(())
+        }
         Command::Backup { out, secret, remote } => backup_to_file(&out, &secret.secret()?, &remote).await,
+        Command::RotateCa { data, promote, retire_old, status } => rotate_ca(&data, promote, retire_old, status),
         Command::Restore { from, data, secret } => {
             let secret = secret.secret()?;
             let restored = tokio::task::spawn_blocking(move || crate::backup::restore(&from, &secret, &data).map(|r| (r, data))).await??;
@@ -627,28 +712,58 @@ fn print_quickstart(hub: &Arc<Hub>, login: &(String, Option<String>), token: &st
 /// `gantry-hub backup`: stream the running hub's backup into `FILE.partial`, check its
 /// checksum against the one the hub announced, then rename it to `out`.
 async fn backup_to_file(out: &Path, secret: &crate::backup::BackupSecret, remote: &Remote) -> anyhow::Result<()> {
-    use http_body_util::{BodyExt, Full};
-    use tokio::io::AsyncWriteExt;
     let body = match secret {
         crate::backup::BackupSecret::Passphrase(passphrase) => serde_json::json!({ "passphrase": passphrase }),
         crate::backup::BackupSecret::KeyFile(bytes) => serde_json::json!({ "key_file_base64": data_encoding::BASE64.encode(bytes) }),
     };
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let uri = format!("{}/api/v1/backups", remote.url.trim_end_matches('/'));
-    anyhow::ensure!(uri.starts_with("http://"), "only http:// hub URLs are supported by this command: {uri}");
-    let request = hyper::Request::builder()
-        .method("POST")
-        .uri(&uri)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {}", remote.key()?))
-        .body(Full::new(bytes::Bytes::from(serde_json::to_vec(&body)?)))?;
+    let mut sha256 = String::new();
+    let verify = |partial: &Path, headers: &hyper::HeaderMap| -> anyhow::Result<()> {
+        let announced = headers.get("x-backup-sha256").and_then(|v| v.to_str().ok());
+        sha256 = crate::backup::verify_checksum(partial)?;
+        anyhow::ensure!(announced == Some(sha256.as_str()), "the backup received does not match the checksum the hub announced");
+        Ok(())
+    };
     // The hub answers once the snapshot is written, which takes longer for a big store.
+    let bytes = fetch_to_file(remote, "POST", "/api/v1/backups", Some(serde_json::to_vec(&body)?), out, verify).await?;
+    println!("backup written to {} ({bytes} bytes, SHA-256 {sha256})", out.display());
+    Ok(())
+}
+
+/// `GET path` on the running hub, streamed into `FILE.partial` and renamed to `out` once
+/// complete; the bytes written.
+async fn download_to_file(remote: &Remote, path: &str, out: &Path) -> anyhow::Result<u64> {
+    // The hub answers once the archive is built, which takes longer for a big org.
+    fetch_to_file(remote, "GET", path, None, out, |_, _| Ok(())).await
+}
+
+/// `method path` (with a JSON `body`) on the running hub with the operator's key, the answer
+/// streamed into `FILE.partial`, made durable, accepted by `check` (given the partial file
+/// and the response headers) and only then renamed to `out`; the bytes written. The partial
+/// file is removed on any failure. Waits up to an hour for the answer to start.
+async fn fetch_to_file(
+    remote: &Remote,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    out: &Path,
+    check: impl FnOnce(&Path, &hyper::HeaderMap) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::AsyncWriteExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let uri = format!("{}{path}", remote.url.trim_end_matches('/'));
+    anyhow::ensure!(uri.starts_with("http://"), "only http:// hub URLs are supported by this command: {uri}");
+    let mut request = hyper::Request::builder().method(method).uri(&uri).header("authorization", format!("Bearer {}", remote.key()?));
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request.body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
     let response = tokio::time::timeout(Duration::from_secs(3600), client.request(request))
         .await
         .context("no answer from the hub within an hour")?
         .with_context(|| format!("cannot reach the hub at {}", remote.url))?;
     let status = response.status();
-    let announced = response.headers().get("x-backup-sha256").and_then(|v| v.to_str().ok()).map(String::from);
+    let headers = response.headers().clone();
     let mut body = response.into_body();
     if !status.is_success() {
         let bytes = body.collect().await?.to_bytes();
@@ -658,28 +773,21 @@ async fn backup_to_file(out: &Path, secret: &crate::backup::BackupSecret, remote
     let partial = out.with_extension("partial");
     let mut file = tokio::fs::File::create(&partial).await.with_context(|| format!("creating {}", partial.display()))?;
     let written = async {
+        let mut bytes = 0u64;
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.context("the backup stream broke off")?.into_data() {
+            if let Ok(data) = frame.context("the download broke off")?.into_data() {
                 file.write_all(&data).await?;
+                bytes += data.len() as u64;
             }
         }
         file.sync_all().await?;
-        let path = partial.clone();
-        let sha256 = tokio::task::spawn_blocking(move || crate::backup::verify_checksum(&path)).await??;
-        anyhow::ensure!(announced.as_deref() == Some(sha256.as_str()), "the backup received does not match the checksum the hub announced");
+        check(&partial, &headers)?;
         tokio::fs::rename(&partial, out).await.with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
-        Ok::<_, anyhow::Error>(sha256)
+        Ok::<_, anyhow::Error>(bytes)
     }
     .await;
-    match written {
-        Ok(sha256) => {
-            let bytes = tokio::fs::metadata(out).await.map(|m| m.len()).unwrap_or(0);
-            println!("backup written to {} ({bytes} bytes, SHA-256 {sha256})", out.display());
-            Ok(())
-        }
-        Err(error) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            Err(error)
-        }
+    if written.is_err() {
+        let _ = tokio::fs::remove_file(&partial).await;
     }
+    written
 }

@@ -267,6 +267,9 @@ pub async fn run(hub: Arc<Hub>, listeners: Listeners, shutdown: impl Future<Outp
         tracing::info!(agents = reset, "marked agents offline after restart; they reconnect on their own");
     }
     orchestrator::resume(&hub);
+    // Before anything is served: an org whose deletion was confirmed is gone before its
+    // agents or its users can reach the hub again.
+    org_data::resume_deletions(&hub).await?;
     listeners.http.set_nonblocking(true)?;
     listeners.quic.set_nonblocking(true)?;
     let http_addr = listeners.http.local_addr()?;

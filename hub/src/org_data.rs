@@ -9,11 +9,15 @@
 //! Deletion revokes and disconnects the org's agents, cancels its subscription, then has
 //! the store erase the org ([`crate::store::Store::erase_org`]): telemetry (payloads
 //! overwritten in the shared segment files), deployments, checks, alerts, webhooks,
-//! secrets, members, invitations, API keys, enrollment tokens, and the accounts of people
-//! who belonged to no other org. Kept for accounting, unchanged: the usage ledger, closed
-//! invoices, the subscription (canceled) and the Stripe outbox, which carry org and agent
-//! ids and quantities but no personal data; and the audit log, whose hash chain forbids
-//! rewriting (see README, "Customer data: export and deletion").
+//! secrets, settings, branding, members, invitations, API keys, enrollment tokens, and the
+//! accounts of people who belonged to no other org. Kept for accounting, unchanged: the
+//! usage ledger, closed invoices, the subscription (canceled) and the Stripe records, which
+//! carry org and agent ids and quantities but no personal data; and the audit log, whose
+//! hash chain forbids rewriting (see README, "Customer data: export and deletion").
+//!
+//! The confirmation writes the org's tombstone before anything is removed (see
+//! `store/org_data.rs`); a deletion the hub did not finish (it was killed, or the store
+//! failed) is finished by [`resume_deletions`] when the hub starts, before it serves.
 //!
 //! This module must not know HTTP: `api/org_data.rs` maps its results to responses.
 
@@ -37,6 +41,12 @@ pub const CONFIRMATION_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// How long deletion waits for the sessions of the revoked agents to end.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Test hook: when set to a number of milliseconds, every org erasure sleeps that long
+/// after its first step (the org record and its enrollment tokens removed, durably), so an
+/// end-to-end test can kill the hub in the middle of a deletion. Leave it unset in
+/// production; it has no other effect.
+pub const TEST_PAUSE_ENV: &str = "GANTRY_TEST_ORG_DELETION_PAUSE_MS";
 
 /// What an export covers.
 #[derive(Debug, Clone, Default)]
@@ -153,6 +163,13 @@ pub fn export(hub: &Hub, org: &store::Org, range: &ExportRange, now_ms: i64) -> 
             "settings": to_json(&store.org_settings(id)?),
         })]),
     ));
+    let brand = store.branding(id)?.map(|brand| {
+        let mut line = to_json(&brand);
+        line["logo_base64"] = json!(store.branding_logo(id).ok().flatten().map(|bytes| data_encoding::BASE64.encode(&bytes)));
+        line["updated_at"] = json!(time(brand.updated_at_ms));
+        line
+    });
+    files.push(("branding.jsonl", Lines::of(brand)));
     files.push(("agents.jsonl", Lines::of(agents.iter().map(|a| to_json(&crate::api::agent_view(hub, a))))));
     files.push((
         "enrollment_tokens.jsonl",
@@ -386,8 +403,9 @@ pub fn request_deletion(hub: &Hub, org: &str, by: &str, now_ms: i64) -> Result<C
     Ok(Confirmation { code, expires_at_ms })
 }
 
-/// Delete `org` (its confirmation already checked): revoke and disconnect its agents,
-/// cancel its subscription, erase its records. Returns the records removed, by kind.
+/// Delete `org` (its confirmation already checked and its tombstone written): revoke and
+/// disconnect its agents, cancel its subscription, erase its records. Returns the records
+/// removed, by kind. Safe to run again on an org whose deletion was interrupted.
 pub async fn delete(hub: &Arc<Hub>, org: &str, by: &str) -> Result<BTreeMap<String, u64>, store::Error> {
     let now = crate::wall_ms();
     if hub.store.subscription(org)?.is_some() {
@@ -410,21 +428,64 @@ pub async fn delete(hub: &Arc<Hub>, org: &str, by: &str) -> Result<BTreeMap<Stri
             rollouts.remove(&deployment.id);
         }
     }
+    let pause = std::env::var(TEST_PAUSE_ENV).ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_millis);
     let worker = hub.clone();
     let (org_id, actor) = (org.to_string(), by.to_string());
     let removed = tokio::task::spawn_blocking(move || {
-        let removed = worker.store.erase_org(&org_id, &actor, crate::wall_ms())?;
-        // A batch that was already being stored when its session closed lands after the
-        // first pass; a second pass leaves none of it.
+        let mut first = true;
+        let mut after_step = |step: &str| {
+            if let Some(pause) = pause.filter(|_| std::mem::take(&mut first)) {
+                tracing::warn!(org = %org_id, step, ?pause, "org deletion paused by {TEST_PAUSE_ENV}");
+                std::thread::sleep(pause);
+            }
+        };
+        worker.store.erase_org(&org_id, &actor, crate::wall_ms(), &mut after_step)?;
+        // A batch that was already being stored when its session closed, or an alert
+        // evaluation or webhook event that read the org before it went, can land after the
+        // first pass; a second pass removes what landed meanwhile.
         for agent in &agents {
             worker.store.erase_agent_telemetry(&agent.id)?;
         }
-        Ok::<_, store::Error>(removed)
+        worker.store.erase_org(&org_id, &actor, crate::wall_ms(), &mut |_| {})
     })
     .await
     .map_err(|e| store::Error::Corrupt(format!("org deletion task failed: {e}")))??;
     tracing::info!(org = %org, by = %by, ?removed, "org deleted");
     Ok(removed)
+}
+
+/// Finish every deletion that was confirmed but not completed (the hub stopped or the
+/// store failed during it). Runs at start, before agents or requests are served; a
+/// deletion that fails again is logged and left for the next start, and the others go on.
+pub async fn resume_deletions(hub: &Arc<Hub>) -> Result<usize, store::Error> {
+    let pending = hub.store.unfinished_org_deletions()?;
+    let mut finished = 0;
+    for tombstone in pending {
+        tracing::warn!(org = %tombstone.org, deleted_by = %tombstone.deleted_by, "finishing an org deletion that was interrupted");
+        match delete(hub, &tombstone.org, &tombstone.deleted_by).await {
+            Ok(removed) => {
+                tracing::info!(org = %tombstone.org, ?removed, "interrupted org deletion finished");
+                let target = [("org".to_string(), tombstone.org.clone()), ("deleted_by".to_string(), tombstone.deleted_by.clone())].into();
+                crate::audit::record(
+                    hub,
+                    store::NewAuditEntry {
+                        at_ms: crate::wall_ms(),
+                        actor: "hub".into(),
+                        actor_kind: "system".into(),
+                        org: Some(tombstone.org.clone()),
+                        action: "org.deletion.resumed".into(),
+                        target,
+                        outcome: "finished".into(),
+                        request_id: None,
+                        client_ip: None,
+                    },
+                );
+                finished += 1;
+            }
+            Err(error) => tracing::error!(org = %tombstone.org, %error, "could not finish the org deletion; the next start tries again"),
+        }
+    }
+    Ok(finished)
 }
 
 #[cfg(test)]

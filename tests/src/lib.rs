@@ -17,6 +17,8 @@ pub mod bench;
 pub mod deploys;
 /// Container images built locally for the tests (Debian base via debootstrap).
 pub mod images;
+/// The dashboard as a browser without JavaScript uses it (pages, forms, a webhook receiver).
+pub mod web;
 
 use anyhow::Context;
 use gantry_hub::config::Config;
@@ -455,12 +457,19 @@ pub struct HubProcess {
 impl HubProcess {
     /// Initialise `data` for `quic` (if new) and serve it on `http` and `quic`.
     pub async fn start(data: &Path, http: SocketAddr, quic: SocketAddr) -> HubProcess {
+        HubProcess::start_with_env(data, http, quic, &[]).await
+    }
+
+    /// [`HubProcess::start`] with extra environment variables (test hooks such as
+    /// `GANTRY_TEST_ORG_DELETION_PAUSE_MS`).
+    pub async fn start_with_env(data: &Path, http: SocketAddr, quic: SocketAddr, env: &[(&str, &str)]) -> HubProcess {
         gantry_hub::init(data, &quic.to_string(), ADMIN_EMAIL, Some(ADMIN_PASSWORD)).expect("init hub");
         let child = tokio::process::Command::new(hub_binary())
             .args(["serve", "--data"])
             .arg(data)
             .args(["--http", &http.to_string(), "--quic", &quic.to_string()])
             .env("GANTRY_LOG", std::env::var("GANTRY_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()

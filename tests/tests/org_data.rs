@@ -4,11 +4,15 @@
 //! entries. The export of one org holds exactly its data (every kind, counts as the API
 //! shows them) and nothing of the other; deleting it takes a confirmation, revokes and
 //! disconnects its agent, answers 404 everywhere after, leaves none of its log text in
-//! any file of the hub's data directory, keeps its ledger and audit entries, and leaves
-//! the other org as it was. Wrong confirmations change nothing.
+//! any file of the hub's data directory and none of its ids, names or addresses in any
+//! store tree but the kept ones (ledger, invoices, subscription, Stripe, audit, the
+//! tombstone), and leaves the other org as it was. Wrong confirmations change nothing.
+//! `gantry-hub org export` downloads the same archive. A deletion interrupted by SIGKILL
+//! is finished when the hub starts again.
 
 #![allow(clippy::unwrap_used)]
 
+use base64::Engine;
 use gantry_tests::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -16,6 +20,25 @@ use std::path::Path;
 use std::time::Duration;
 
 const PASSWORD: &str = "violet harbor stapler quantum 42";
+
+/// Trees that keep a deleted org's records for accounting (see README, "Customer data").
+const KEPT_TREES: [&str; 15] = [
+    "audit",
+    "audit_by_org",
+    "ledger_entries",
+    "ledger_keys",
+    "ledger_hours",
+    "ledger_work",
+    "ledger_conflicts",
+    "subscriptions",
+    "invoices",
+    "stripe_outbox",
+    "stripe_outbox_open",
+    "stripe_events",
+    "stripe_marks",
+    "org_tombstones",
+    "ledger_meta",
+];
 const LINES: usize = 40;
 
 fn fast(config: &mut gantry_hub::config::Config) {
@@ -105,6 +128,25 @@ async fn tenant(hub: &TestHub, dir: &Path, org: &str, marker: &str) -> Tenant {
     let spec = json!({ "name": deployment_name, "services": [{ "name": "app", "image": "busybox:latest", "command": ["sleep", "600"] }] });
     let (code, deployment) = api.post(&format!("/api/v1/orgs/{org}/deployments"), &json!({ "spec": spec, "targets": { "agents": [agent_id] } })).await;
     assert_eq!(code, 201, "{deployment}");
+    // A second revision: the export holds every revision.
+    let spec = json!({ "name": deployment_name, "services": [{ "name": "app", "image": "busybox:latest", "command": ["sleep", "700"] }] });
+    let (code, body) = send_json(
+        &api,
+        "PUT",
+        &format!("/api/v1/deployments/{}", deployment["id"].as_str().unwrap()),
+        &json!({ "spec": spec, "targets": { "agents": [agent_id] } }),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // Settings and a brand with a logo, each a per-org record of its own.
+    let (code, body) = send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/settings"), &json!({ "exec_enabled": true })).await;
+    assert_eq!(code, 200, "{body}");
+    let brand_name = format!("{org} Cloud Console");
+    let logo = format!("<svg xmlns=\"http://www.w3.org/2000/svg\"><title>{org}-logo-mark</title></svg>");
+    let logo_url = format!("data:image/svg+xml;base64,{}", base64::engine::general_purpose::STANDARD.encode(logo.as_bytes()));
+    let (code, body) =
+        send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/branding"), &json!({ "product_name": brand_name, "accent": "#aa3300", "logo": logo_url })).await;
+    assert_eq!(code, 200, "{body}");
     // A check that fails (nothing listens on its port), so reports, states and an alert exist.
     let check_name = format!("{org}-api-port");
     let probe = json!({ "type": "tcp", "host": "127.0.0.1", "port": free_port() });
@@ -166,6 +208,8 @@ async fn tenant(hub: &TestHub, dir: &Path, org: &str, marker: &str) -> Tenant {
         check_name,
         check["id"].as_str().unwrap().to_string(),
         silence["id"].as_str().unwrap().to_string(),
+        brand_name,
+        format!("{org}-logo-mark"),
     ];
     Tenant {
         org: org.to_string(),
@@ -237,6 +281,25 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
     found
 }
 
+/// Trees other than [`KEPT_TREES`] holding `needle`.
+fn unkept_trees_containing(store: &gantry_hub::store::Store, needle: &str) -> BTreeMap<String, u64> {
+    let mut found = store.trees_containing(needle.as_bytes()).unwrap();
+    found.retain(|tree, _| !KEPT_TREES.contains(&tree.as_str()));
+    found
+}
+
+/// Run `gantry-hub ARGS` with `GANTRY_API_KEY=key`; exit code, stdout, stderr.
+async fn hub_cli(args: &[&str], key: &str) -> (i32, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(hub_binary()).args(args).env("GANTRY_API_KEY", key).env("GANTRY_LOG", "error").stdin(std::process::Stdio::null()).output(),
+    )
+    .await
+    .expect("hub command timed out")
+    .expect("run hub command");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
 async fn count(api: &Api, path: &str, key: &str) -> usize {
     let (code, body) = api.get(path).await;
     assert_eq!(code, 200, "{path}: {body}");
@@ -281,7 +344,14 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     let deployments = lines(&files, &org, "deployments.jsonl");
     assert_eq!(deployments.len(), count(&api, &format!("/api/v1/orgs/{org}/deployments"), "deployments").await);
     assert_eq!(deployments[0]["id"], alpha.deployment_id.as_str());
-    assert_eq!(deployments[0]["revisions"].as_array().unwrap().len(), 1);
+    assert_eq!(deployments[0]["revisions"].as_array().unwrap().len(), 2, "every revision");
+    let org_line = &lines(&files, &org, "org.jsonl")[0];
+    assert_eq!(org_line["settings"]["exec_enabled"], true, "{org_line}");
+    let brand = lines(&files, &org, "branding.jsonl");
+    assert_eq!(brand.len(), 1);
+    assert_eq!(brand[0]["product_name"], format!("{org} Cloud Console"));
+    let logo = base64::engine::general_purpose::STANDARD.decode(brand[0]["logo_base64"].as_str().unwrap()).unwrap();
+    assert!(contains(&logo, &format!("{org}-logo-mark")), "the logo's bytes");
     assert_eq!(lines(&files, &org, "checks.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/checks"), "checks").await);
     assert!(!lines(&files, &org, "check_states.jsonl").is_empty());
     assert_eq!(lines(&files, &org, "alerts.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/alerts"), "alerts").await);
@@ -295,7 +365,9 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     assert_eq!(lines(&files, &org, "api_keys.jsonl").len(), count(&api, &format!("/api/v1/orgs/{org}/api-keys"), "api_keys").await);
     let ledger = lines(&files, &org, "ledger.jsonl");
     assert!(ledger.iter().any(|e| e["source"].as_str().unwrap_or("").contains(&format!("{org}-c1"))), "the correction: {ledger:?}");
-    assert!(files.contains_key(&format!("{org}/invoices.jsonl")));
+    let (code, invoices) = api.get(&format!("/api/v1/orgs/{org}/invoices")).await;
+    assert_eq!(code, 200, "{invoices}");
+    assert_eq!(lines(&files, &org, "invoices.jsonl").len(), invoices["invoices"].as_array().map_or(0, Vec::len), "closed invoices: {invoices}");
     let (code, page) = api.get(&format!("/api/v1/orgs/{org}/audit?limit=1000")).await;
     assert_eq!(code, 200);
     let audited: Vec<u64> =
@@ -326,6 +398,44 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     let (code, full) = export(&api, &org, "").await;
     assert_eq!(code, 200, "an operator may export");
     assert!(contains(&full, &alpha.marker));
+
+    // ---- the same export from the command line ----
+    let url = format!("http://{}", hub.http);
+    let out = dir.path().join("alpha-export.tar");
+    let to_arg = to.to_string();
+    let (code, stdout, stderr) = hub_cli(
+        &["org", "export", "--org", &org, "--out", out.to_str().unwrap(), "--from", "0", "--to", &to_arg, "--metrics", "--url", &url],
+        &hub.operator_key,
+    )
+    .await;
+    assert_eq!(code, 0, "org export: {stdout}{stderr}");
+    assert!(stdout.contains("written to"), "{stdout}");
+    let from_cli = std::fs::read(&out).unwrap();
+    let cli_files = untar(&from_cli);
+    assert_eq!(cli_files.keys().collect::<Vec<_>>(), files.keys().collect::<Vec<_>>(), "the same files as the API's export");
+    for name in ["logs.jsonl", "events.jsonl", "deployments.jsonl", "ledger.jsonl", "webhooks.jsonl", "branding.jsonl"] {
+        assert_eq!(lines(&cli_files, &org, name).len(), lines(&files, &org, name).len(), "{name} from the CLI");
+    }
+    // (Its audit file now also records the refused attempts above, bravo's owner included.)
+    for (name, bytes) in cli_files.iter().filter(|(name, _)| !name.ends_with("/audit.jsonl")) {
+        for needle in &bravo.identifiers {
+            assert!(!contains(bytes, needle), "{needle} of {} is in {name} of the CLI export of {org}", bravo.org);
+        }
+    }
+    // A narrower range holds fewer log records; refusals exit non-zero with the hub's reason.
+    let narrow = dir.path().join("alpha-narrow.tar");
+    let (code, _, stderr) =
+        hub_cli(&["org", "export", "--org", &org, "--out", narrow.to_str().unwrap(), "--from", &to_arg, "--url", &url], &hub.operator_key).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(lines(&untar(&std::fs::read(&narrow).unwrap()), &org, "logs.jsonl").len() < lines(&files, &org, "logs.jsonl").len());
+    let missing = dir.path().join("missing.tar");
+    let (code, _, stderr) = hub_cli(&["org", "export", "--org", "no-such-org", "--out", missing.to_str().unwrap(), "--url", &url], &hub.operator_key).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("404"), "{stderr}");
+    assert!(!missing.exists() && !missing.with_extension("partial").exists(), "nothing written for a refused export");
+    let (code, _, stderr) = hub_cli(&["org", "export", "--org", &org, "--out", missing.to_str().unwrap(), "--url", &url], &bravo.key_secret).await;
+    assert_ne!(code, 0, "another org's key");
+    assert!(stderr.contains("404") || stderr.contains("403"), "{stderr}");
 
     // ---- deletion: refused without the right confirmation, changing nothing ----
     let delete = |query: String| {
@@ -361,8 +471,16 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     let audit_before =
         hub.hub.store.audit_entries(&gantry_hub::store::AuditFilter { org: Some(org.clone()), ..Default::default() }, 10_000).unwrap().entries.len();
 
+    let (code, _, operator_cookie) = api.anonymous().login(&json!({ "email": ADMIN_EMAIL, "password": ADMIN_PASSWORD })).await;
+    assert_eq!(code, 200, "operator login");
+    let operator = api.anonymous().with_cookie(&operator_cookie.unwrap());
+    assert_eq!(operator.send("GET", &format!("/assets/brand/{org}/logo"), None, vec![]).await.0, 200, "the org's logo is served");
     hub.hub.store.flush().await.unwrap();
     assert!(!files_containing(&hub.data, &alpha.marker).is_empty(), "the scan finds the org's log text while it is stored");
+    // (The log text lives in segment files, not trees: the file scan covers it.)
+    for needle in alpha.identifiers.iter().filter(|n| **n != alpha.marker) {
+        assert!(!unkept_trees_containing(&hub.hub.store, needle).is_empty(), "the store scan finds {needle} while the org exists");
+    }
     // ---- deletion ----
     let (code, deleted) = delete(format!("?confirm={confirm}")).await;
     assert_eq!(code, 200, "{deleted}");
@@ -401,6 +519,10 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
         format!("/api/v1/orgs/{org}/alerts"),
         format!("/api/v1/orgs/{org}/silences"),
         format!("/api/v1/orgs/{org}/export"),
+        format!("/api/v1/orgs/{org}/settings"),
+        format!("/api/v1/orgs/{org}/branding"),
+        format!("/api/v1/orgs/{org}/invoices"),
+        format!("/api/v1/orgs/{org}/alert-rules"),
     ] {
         let (code, body) = api.get(&path).await;
         assert_eq!(code, 404, "{path}: {body}");
@@ -410,6 +532,18 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     let (code, body) = api.post("/api/v1/orgs", &json!({ "id": org, "agent_limit": 5 })).await;
     assert_eq!(code, 409, "the id stays reserved: {body}");
 
+    assert_eq!(operator.send("GET", &format!("/assets/brand/{org}/logo"), None, vec![]).await.0, 404, "the org's logo");
+    // No id, name or address of the org is left in any store tree but the kept ones.
+    for needle in &alpha.identifiers {
+        let left = unkept_trees_containing(&hub.hub.store, needle);
+        assert!(left.is_empty(), "{needle} of the deleted org is still in {left:?}");
+    }
+    let tombstone = hub.hub.store.org_tombstone(&org).unwrap().expect("tombstone");
+    assert!(
+        tombstone.finished_at_ms.is_some() && tombstone.removed.get("branding") == Some(&2) && tombstone.removed.get("settings") == Some(&1),
+        "{tombstone:?}"
+    );
+    assert!(hub.hub.store.unfinished_org_deletions().unwrap().is_empty());
     // No readable data of the org is left in any file of the hub; the other org's is.
     hub.hub.store.flush().await.unwrap();
     let found = files_containing(&hub.data, &alpha.marker);
@@ -441,5 +575,117 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     let (code, archive) = export(&bravo.owner, &bravo.org, "").await;
     assert_eq!(code, 200);
     assert!(contains(&archive, &bravo.marker));
+    assert_eq!(bravo.owner.get(&format!("/api/v1/orgs/{}/branding", bravo.org)).await.0, 200);
+    for needle in bravo.identifiers.iter().filter(|n| **n != bravo.marker) {
+        assert!(!unkept_trees_containing(&hub.hub.store, needle).is_empty(), "{needle} of the other org is still stored");
+    }
     hub.stop().await;
+}
+
+/// A deletion cut short by SIGKILL after its confirmation was accepted (the org record
+/// gone, its agent, telemetry, secrets, webhooks, settings and brand still stored) is
+/// finished when the hub starts again, before it serves: nothing of the org is left, the
+/// other org is untouched, and the audit log says the deletion was resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_interrupted_by_sigkill_is_finished_when_the_hub_starts_again() {
+    let dir = TempDir::new("org-delete-kill");
+    let data = dir.path().join("hub");
+    let (http, quic) = free_addrs();
+    // The test hook holds the erasure for a minute after its first step.
+    let mut hub = HubProcess::start_with_env(&data, http, quic, &[(gantry_hub::org_data::TEST_PAUSE_ENV, "60000")]).await;
+    let api = hub.api(&data);
+    let (org, other, marker) = ("gamma-corp", "delta-corp", "MARKER-GAMMA-5be0c4");
+    for id in [org, other] {
+        let (code, body) = api.post("/api/v1/orgs", &json!({ "id": id, "agent_limit": 5 })).await;
+        assert_eq!(code, 201, "{body}");
+        let (code, body) = send_json(&api, "PUT", &format!("/api/v1/orgs/{id}/secrets/{id}-db-password"), &json!({ "value": format!("{id}-value") })).await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let (code, token) = api.post(&format!("/api/v1/orgs/{org}/enrollment-tokens"), &json!({ "uses": 1, "ttl": "1h" })).await;
+    assert_eq!(code, 201, "{token}");
+    let state = dir.path().join("agent");
+    let agent_id = enroll(token["token"].as_str().unwrap(), &state).await.unwrap();
+    let log = dir.path().join("gamma.log");
+    std::fs::write(&log, (0..LINES).map(|n| format!("{marker} job {n} done\n")).collect::<String>()).unwrap();
+    let config = agent_config_file(dir.path(), &state, &[&log], "[host]\ninterval_secs = 1\n[docker]\nenabled = false");
+    let mut agent = AgentProcess::start_with_config(&config, &state);
+    wait_for(Duration::from_secs(30), "the org's log lines", || async {
+        let records = api.all_records(&format!("/api/v1/orgs/{org}/logs"), "").await;
+        (records.iter().filter(|r| r["line"].as_str().is_some_and(|l| l.starts_with(marker))).count() == LINES).then_some(())
+    })
+    .await;
+    let webhook_url = format!("http://127.0.0.1:{}/hooks/{org}", free_port());
+    let (code, webhook) = api.post(&format!("/api/v1/orgs/{org}/webhooks"), &json!({ "url": webhook_url, "events": ["*"] })).await;
+    assert_eq!(code, 201, "{webhook}");
+    let (code, body) = send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/settings"), &json!({ "exec_enabled": true })).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) =
+        send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/branding"), &json!({ "product_name": "Gamma Ops Portal", "accent": "#123456" })).await;
+    assert_eq!(code, 200, "{body}");
+    let identifiers = [org.to_string(), agent_id.clone(), format!("{org}-db-password"), webhook_url.clone(), "Gamma Ops Portal".to_string()];
+
+    // Confirm; the erasure starts, removes the org record and pauses. Then SIGKILL.
+    let (code, requested) = api.post(&format!("/api/v1/orgs/{org}/deletion"), &json!({})).await;
+    assert_eq!(code, 201, "{requested}");
+    let confirm = requested["confirm"].as_str().unwrap().to_string();
+    let deleting = {
+        let api = api.clone();
+        tokio::spawn(async move { api.send("DELETE", &format!("/api/v1/orgs/{org}?confirm={confirm}"), None, vec![]).await })
+    };
+    wait_for(Duration::from_secs(30), "the org record removed by the paused erasure", || async {
+        (api.get(&format!("/api/v1/orgs/{org}")).await.0 == 404).then_some(())
+    })
+    .await;
+    assert!(!deleting.is_finished(), "the deletion is still under way when the hub is killed");
+    hub.kill9().await;
+    deleting.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(30), agent.child.wait()).await;
+
+    // On disk now: the intent, and most of the org's data.
+    {
+        let store = gantry_hub::store::Store::open(&data).unwrap();
+        let pending = store.unfinished_org_deletions().unwrap();
+        assert_eq!(pending.iter().map(|t| t.org.as_str()).collect::<Vec<_>>(), [org], "the deletion intent survived the kill");
+        assert!(store.org(org).unwrap().is_none(), "the first step was durable");
+        assert!(store.agent(&agent_id).unwrap().is_some(), "the kill landed before the agent was erased");
+        assert!(!unkept_trees_containing(&store, &format!("{org}-db-password")).is_empty(), "the secret is still stored");
+    }
+    assert!(!files_containing(&data, marker).is_empty(), "the log text is still stored");
+
+    // Restart without the hook: the deletion is finished before the hub answers.
+    let hub = HubProcess::start(&data, http, quic).await;
+    let api = hub.api(&data);
+    for path in [
+        format!("/api/v1/orgs/{org}"),
+        format!("/api/v1/agents/{agent_id}"),
+        format!("/api/v1/orgs/{org}/secrets"),
+        format!("/api/v1/orgs/{org}/webhooks"),
+        format!("/api/v1/orgs/{org}/settings"),
+        format!("/api/v1/orgs/{org}/branding"),
+        format!("/api/v1/orgs/{org}/logs"),
+    ] {
+        let (code, body) = api.get(&path).await;
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    assert_eq!(count(&api, &format!("/api/v1/orgs/{other}/secrets"), "secrets").await, 1, "the other org keeps its secret");
+    let (code, body) = api.post("/api/v1/orgs", &json!({ "id": org, "agent_limit": 5 })).await;
+    assert_eq!(code, 409, "the id stays reserved: {body}");
+    let mut hub = hub;
+    hub.terminate().await;
+
+    let store = gantry_hub::store::Store::open(&data).unwrap();
+    assert!(store.unfinished_org_deletions().unwrap().is_empty());
+    let tombstone = store.org_tombstone(org).unwrap().expect("tombstone");
+    assert!(tombstone.finished_at_ms.is_some(), "{tombstone:?}");
+    assert!(tombstone.deleted_by.starts_with("key:"), "the confirming operator is named: {tombstone:?}");
+    for needle in &identifiers {
+        let left = unkept_trees_containing(&store, needle);
+        assert!(left.is_empty(), "{needle} of the deleted org is still in {left:?}");
+    }
+    assert!(!unkept_trees_containing(&store, &format!("{other}-db-password")).is_empty(), "the other org's secret");
+    let audit = store.audit_entries(&gantry_hub::store::AuditFilter { org: Some(org.to_string()), ..Default::default() }, 1000).unwrap().entries;
+    assert!(audit.iter().any(|e| e.action == "org.deletion.resumed" && e.outcome == "finished"), "the resumed deletion is audited");
+    assert!(matches!(store.verify_audit().unwrap(), gantry_hub::store::AuditVerdict::Intact { .. }));
+    drop(store);
+    assert!(files_containing(&data, marker).is_empty(), "the log text is gone");
 }

@@ -50,12 +50,13 @@ pub fn routes(routes: Routes) -> Routes {
 }
 
 const EXPORT_DOC: &str = "A ustar archive with `<org>/manifest.json` (format, range and the line count of every file) and one JSON-lines file per kind: \
-org, agents, enrollment tokens, deployments (with revisions and per-agent status), logs, events, check reports, metrics (with `metrics=true`), \
+org (with settings), branding (logo as base64), agents, enrollment tokens, deployments (with revisions and per-agent status), logs, events, check reports, metrics (with `metrics=true`), \
 checks, check states, alerts, silences, webhooks, webhook deliveries and events, secrets and registry logins (names only), members, \
 invitations, API keys (metadata only), usage ledger entries, closed invoices and audit entries. `from`/`to` bound the telemetry only.";
 
 const DELETE_DOC: &str = "Revokes and disconnects the org's agents and erases its records (telemetry payloads included). \
-The usage ledger, closed invoices, the (canceled) subscription, the Stripe outbox and the audit log are kept for accounting; the org id stays reserved.";
+The usage ledger, closed invoices, the (canceled) subscription, the Stripe records and the audit log are kept for accounting; the org id stays reserved. \
+A deletion interrupted by a stop is finished when the hub starts again.";
 
 /// Query string of the export.
 #[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
@@ -118,12 +119,12 @@ const REMOVES: [&str; 9] = [
     "secrets and registry logins",
     "members, invitations and API keys",
     "accounts, sessions and keys of members who belong to no other org",
-    "the org record and its settings",
+    "the org record, its settings and its branding",
 ];
 
 /// What a deletion keeps, as the request lists it.
 const KEEPS: [&str; 3] = [
-    "usage ledger entries, closed invoices, the subscription (canceled) and the Stripe outbox, for accounting",
+    "usage ledger entries, closed invoices, the subscription (canceled) and the Stripe records, for accounting",
     "the audit log (hash-chained and append-only), for accountability",
     "the org id, reserved so kept records never pass to a new org",
 ];
@@ -176,7 +177,7 @@ async fn delete_org(
             format!("deleting an org needs ?confirm=CODE; get the code from POST /api/v1/orgs/{org}/deletion"),
         ));
     };
-    match hub.store.confirm_deletion(&org, &crate::auth::sha256_hex(&code), crate::wall_ms())? {
+    match hub.store.confirm_deletion(&org, &crate::auth::sha256_hex(&code), &principal.name, crate::wall_ms())? {
         Ok(_) => {}
         Err(refusal) => {
             let code = match refusal {
