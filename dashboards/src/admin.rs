@@ -283,7 +283,7 @@ mod tests {
     use crate::layout::{Brand, Nav};
 
     fn shell(brand: &Brand, active: Nav) -> Shell<'_> {
-        Shell { user: "ops@example.com", operator: true, org: None, brand, active, flash: None }
+        Shell { user: "ops@example.com", operator: true, admin: true, org: None, brand, active, flash: None }
     }
 
     #[test]

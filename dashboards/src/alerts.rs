@@ -103,7 +103,7 @@ mod tests {
     #[test]
     fn firing_alerts_can_be_acknowledged_by_those_allowed() {
         let brand = Brand::default();
-        let shell = Shell { user: "dev@example.com", operator: false, org: Some("acme"), brand: &brand, active: Nav::Alerts, flash: None };
+        let shell = Shell { user: "dev@example.com", operator: false, admin: false, org: Some("acme"), brand: &brand, active: Nav::Alerts, flash: None };
         let mut view = AlertsView {
             org: "acme".into(),
             status: "open".into(),

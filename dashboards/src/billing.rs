@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn usage_page_has_exports_charts_and_invoices() {
         let brand = Brand::default();
-        let shell = Shell { user: "ops@example.com", operator: true, org: Some("acme"), brand: &brand, active: Nav::Usage, flash: None };
+        let shell = Shell { user: "ops@example.com", operator: true, admin: true, org: Some("acme"), brand: &brand, active: Nav::Usage, flash: None };
         let view = UsageView {
             org: "acme".into(),
             subscription: "pro v1 · active".into(),
@@ -266,7 +266,7 @@ mod tests {
     #[test]
     fn plan_editor_escapes_json() {
         let brand = Brand::default();
-        let shell = Shell { user: "ops@example.com", operator: true, org: None, brand: &brand, active: Nav::Usage, flash: None };
+        let shell = Shell { user: "ops@example.com", operator: true, admin: true, org: None, brand: &brand, active: Nav::Usage, flash: None };
         let plans = [PlanRow { id: "pro".into(), version: 2, name: "Pro".into(), json: "{\"name\": \"</textarea>\"}".into() }];
         let html = plans_page(&shell, &plans, Some("bad"), ("", ""));
         assert!(html.contains("action=\"/plans/pro\"") && html.contains("Save as version 3"));

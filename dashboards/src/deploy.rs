@@ -274,7 +274,7 @@ mod tests {
     use crate::layout::{Brand, Nav};
 
     fn shell(brand: &Brand) -> Shell<'_> {
-        Shell { user: "dev@example.com", operator: false, org: Some("acme"), brand, active: Nav::Deployments, flash: None }
+        Shell { user: "dev@example.com", operator: false, admin: false, org: Some("acme"), brand, active: Nav::Deployments, flash: None }
     }
 
     #[test]

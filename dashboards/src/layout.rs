@@ -8,7 +8,7 @@
 //! use gantry_dashboards::layout::{self, Brand, Nav, Shell};
 //!
 //! let brand = Brand::default();
-//! let shell = Shell { user: "ops@example.com", operator: true, org: None, brand: &brand, active: Nav::Agents, flash: None };
+//! let shell = Shell { user: "ops@example.com", operator: true, admin: true, org: None, brand: &brand, active: Nav::Agents, flash: None };
 //! let rows = vec![vec![layout::Cell::text("web-1"), layout::Cell::html("<b>online</b>")]];
 //! let body = layout::table("Agents", &["Host", "Status"], &rows, &layout::empty_state("No agents yet", "Create an enrollment token to add one."));
 //! let html = layout::render(&shell, "Agents", &body);
@@ -171,6 +171,7 @@ pub enum Nav {
     Enrollment,
     Deployments,
     Alerts,
+    Webhooks,
     Usage,
     Users,
     Audit,
@@ -179,8 +180,19 @@ pub enum Nav {
 
 impl Nav {
     /// Every section, in navigation order.
-    pub const ALL: [Nav; 10] =
-        [Nav::Overview, Nav::Orgs, Nav::Agents, Nav::Enrollment, Nav::Deployments, Nav::Alerts, Nav::Usage, Nav::Users, Nav::Audit, Nav::Account];
+    pub const ALL: [Nav; 11] = [
+        Nav::Overview,
+        Nav::Orgs,
+        Nav::Agents,
+        Nav::Enrollment,
+        Nav::Deployments,
+        Nav::Alerts,
+        Nav::Webhooks,
+        Nav::Usage,
+        Nav::Users,
+        Nav::Audit,
+        Nav::Account,
+    ];
 
     /// The section's page on the hub.
     pub fn path(self) -> &'static str {
@@ -191,6 +203,7 @@ impl Nav {
             Nav::Enrollment => "/enrollment",
             Nav::Deployments => "/deployments",
             Nav::Alerts => "/alerts",
+            Nav::Webhooks => "/webhooks",
             Nav::Usage => "/usage",
             Nav::Users => "/users",
             Nav::Audit => "/audit",
@@ -207,6 +220,7 @@ impl Nav {
             Nav::Enrollment => "Enrollment",
             Nav::Deployments => "Deployments",
             Nav::Alerts => "Alerts",
+            Nav::Webhooks => "Webhooks",
             Nav::Usage => "Usage",
             Nav::Users => "Users",
             Nav::Audit => "Audit",
@@ -217,6 +231,11 @@ impl Nav {
     /// Whether only platform operators see the section in the navigation.
     pub fn operator_only(self) -> bool {
         matches!(self, Nav::Orgs)
+    }
+
+    /// Whether only admins of an org ([`Shell::admin`]) see the section in the navigation.
+    pub fn admin_only(self) -> bool {
+        matches!(self, Nav::Webhooks)
     }
 
     /// The link for the section, keeping the selected org (`?org=`) if there is one.
@@ -236,6 +255,9 @@ pub struct Shell<'a> {
     pub user: &'a str,
     /// Platform operator: sees operator-only sections.
     pub operator: bool,
+    /// Administers the org the page is about (with none selected: some org); sees
+    /// admin-only sections such as Webhooks.
+    pub admin: bool,
     /// The org the page is about, if one is selected; kept in navigation links.
     pub org: Option<&'a str>,
     /// Name, logo and colours.
@@ -263,7 +285,7 @@ pub fn render(shell: &Shell, title: &str, body: &str) -> String {
     );
     html.push_str("<nav class=\"sections\" aria-label=\"Sections\"><ul>");
     for nav in Nav::ALL {
-        if nav.operator_only() && !shell.operator {
+        if (nav.operator_only() && !shell.operator) || (nav.admin_only() && !shell.admin) {
             continue;
         }
         let current = if nav == shell.active { " aria-current=\"page\"" } else { "" };
@@ -426,7 +448,7 @@ mod tests {
     use super::*;
 
     fn shell<'a>(brand: &'a Brand, operator: bool, active: Nav) -> Shell<'a> {
-        Shell { user: "ana@example.com", operator, org: Some("acme"), brand, active, flash: None }
+        Shell { user: "ana@example.com", operator, admin: operator, org: Some("acme"), brand, active, flash: None }
     }
 
     #[test]
@@ -449,6 +471,14 @@ mod tests {
         let html = render(&shell(&brand, false, Nav::Overview), "Overview", "");
         assert!(!html.contains("href=\"/orgs\""));
         assert!(!html.contains("operator</span>"));
+    }
+
+    #[test]
+    fn only_admins_see_the_webhooks_section() {
+        let brand = Brand::default();
+        let admin = Shell { admin: true, ..shell(&brand, false, Nav::Overview) };
+        assert!(render(&admin, "Overview", "").contains("<a href=\"/webhooks?org=acme\">Webhooks</a>"));
+        assert!(!render(&shell(&brand, false, Nav::Overview), "Overview", "").contains("/webhooks"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! builds the view structs and mounts the rendered pages. Every value is HTML-escaped on
 //! the way out.
 
+pub mod account;
 pub mod admin;
 pub mod alerts;
 pub mod billing;
@@ -11,6 +12,7 @@ pub mod chart;
 pub mod deploy;
 pub mod fleet;
 pub mod layout;
+pub mod webhooks;
 
 pub use admin::{ADMIN_SCRIPT, ADMIN_SCRIPT_PATH};
 pub use layout::{action_button, empty_state, error_box, page_header, render, render_bare, stat, status_badge, table, Brand, Cell, Nav, Shell};

@@ -76,7 +76,7 @@ pub fn note_principal(extensions: &Extensions, principal: &Principal) {
 
 /// Dashboard form actions (see `api::pages` and `api::pages_admin`) that change state like
 /// API calls do.
-const DASHBOARD_FORM_PREFIXES: [&str; 5] = ["/orgs", "/deployments/", "/plans", "/agents/", "/enrollment"];
+const DASHBOARD_FORM_PREFIXES: [&str; 6] = ["/orgs", "/deployments/", "/plans", "/agents/", "/enrollment", "/account/"];
 
 /// Whether a request is recorded: state-changing methods on the API, the login and
 /// logout forms, and the dashboard's form actions.

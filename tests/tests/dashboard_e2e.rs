@@ -112,6 +112,20 @@ async fn a_viewer_sees_no_admin_actions_and_a_customer_sees_no_other_org() {
     viewer.goto(&format!("{base}/orgs")).await;
     viewer.wait_text("main", "only platform operators may do this", Duration::from_secs(10)).await;
     assert!(viewer.find("#new-org").await.is_none());
+    // Their own account is theirs: a password change through the form, keyboard-labelled
+    // fields and a flash; the old password stops working, the new one works.
+    viewer.goto(&format!("{base}/account")).await;
+    viewer.wait_text("main", "acme", Duration::from_secs(10)).await;
+    let new_password = "quiet meadow lantern 58 zephyr";
+    viewer.fill("#pw-current", &viewer_password).await;
+    viewer.fill("#pw-new", new_password).await;
+    viewer.fill("#pw-confirm", new_password).await;
+    viewer.click_on("#password button[type=submit]").await;
+    viewer.wait_text(".flash", "Password changed", Duration::from_secs(20)).await;
+    viewer.screenshot("account").await;
+    let login = |password: &str| json!({ "email": "viewer@acme.example", "password": password });
+    assert_eq!(hub.api().anonymous().login(&login(&viewer_password)).await.0, 401, "the old password no longer logs in");
+    assert_eq!(hub.api().anonymous().login(&login(new_password)).await.0, 200, "the new one does");
     viewer.quit().await;
 
     // A deployer of acme can roll back, and cannot see beta at all: 404 pages.

@@ -339,6 +339,16 @@ async fn every_route_refuses_other_orgs_and_missing_permissions_and_changes_noth
             }
         }
     }
+    // A password change belongs to a person with a session: every API key is refused,
+    // whatever its scopes (the snapshot below shows nothing changed).
+    for (who, api) in principals.iter().filter(|(who, _)| who.starts_with("key:")) {
+        let body = json!({ "current_password": PASSWORD, "new_password": "a brand new passphrase 42" });
+        let (code, answer) = send(api, "POST", "/api/v1/auth/password", Some(&body)).await;
+        tried += 1;
+        if code != 403 {
+            failures.push(format!("{who} POST /api/v1/auth/password: {code} (expected 403) {answer}"));
+        }
+    }
     assert!(failures.is_empty(), "{} of {tried} requests answered wrongly:\n{}", failures.len(), failures.join("\n"));
     assert!(tried > 500, "the matrix ran {tried} requests");
     let after = (snapshot(&hub, &acme).await, snapshot(&hub, &globex).await);

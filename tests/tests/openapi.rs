@@ -62,7 +62,9 @@ async fn openapi_document_is_valid_and_matches_the_live_api() {
 
     // Routes clients rely on.
     let paths = &doc["paths"];
-    for (method, path) in [("get", "/api/v1/orgs/{org}/agents"), ("post", "/api/v1/orgs/{org}/deployments"), ("get", "/api/v1/agents/{id}")] {
+    for (method, path) in
+        [("get", "/api/v1/orgs/{org}/agents"), ("post", "/api/v1/orgs/{org}/deployments"), ("get", "/api/v1/agents/{id}"), ("post", "/api/v1/auth/password")]
+    {
         assert!(paths[path][method].is_object(), "{method} {path} is not documented");
     }
     let create = &paths["/api/v1/orgs/{org}/deployments"]["post"];

@@ -7,7 +7,8 @@
 //! the first byte is sent. `GET /api/v1/backups` shows the schedule and its backups.
 //! `GET /api/v1/secrets-key`, `POST /api/v1/secrets-key/rotate` and
 //! `POST /api/v1/secrets-key/reencrypt` rotate the key that seals secrets at rest (see
-//! `crate::keys`). All of them are for platform operators only, and audited by the
+//! `crate::keys`). `GET /api/v1/hub/ca` lists the CAs agents are trusted through (see
+//! `crate::pki`). All of them are for platform operators only, and audited by the
 //! middleware like every state change.
 
 use super::{require_operator, ApiError, ApiJson, ApiResult};
@@ -44,6 +45,19 @@ pub struct RotateRequest {
     /// `false`, old values stay on their versions until `POST /api/v1/secrets-key/reencrypt`.
     #[serde(default)]
     pub reencrypt: Option<bool>,
+}
+
+/// Reply of `GET /api/v1/hub/ca`.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct CaStatus {
+    /// Every CA whose agent certificates the hub accepts, the current one first.
+    pub cas: Vec<crate::pki::CaInfo>,
+}
+
+/// The CAs the running hub trusts (see `gantry-hub rotate-ca`).
+pub async fn ca_status(State(hub): State<Arc<Hub>>, principal: Principal) -> ApiResult<Json<CaStatus>> {
+    require_operator(&principal, Perm::Admin)?;
+    Ok(Json(CaStatus { cas: hub.pki.cas() }))
 }
 
 fn internal(error: anyhow::Error) -> ApiError {
@@ -204,4 +218,5 @@ pub fn routes(routes: super::openapi::Routes) -> super::openapi::Routes {
         .post("/api/v1/secrets-key/rotate", rotate, Op::new("Add a secrets key version and re-encrypt (operators)").tag("operations").body::<RotateRequest>())
         .post("/api/v1/secrets-key/reencrypt", reencrypt, Op::new("Move every sealed value to the newest key version (operators)").tag("operations"))
         .get("/api/v1/hub/alerts", hub_alerts, Op::new("Hub-wide alerts such as failed backups (operators)").tag("alerts"))
+        .get("/api/v1/hub/ca", ca_status, Op::new("The CAs the hub trusts for agents, with their roles (operators)").tag("operations").response::<CaStatus>())
 }

@@ -53,11 +53,22 @@ mod tests {
     #[test]
     fn pages_need_nothing_the_policy_blocks() {
         let brand = gantry_dashboards::Brand::default();
-        let shell = gantry_dashboards::Shell { user: "u", operator: true, org: None, brand: &brand, active: gantry_dashboards::Nav::Agents, flash: Some("x") };
+        let shell = gantry_dashboards::Shell {
+            user: "u",
+            operator: true,
+            admin: true,
+            org: None,
+            brand: &brand,
+            active: gantry_dashboards::Nav::Agents,
+            flash: Some("x"),
+        };
         let pages = [
             gantry_dashboards::login_page(Some("<x>")),
             gantry_dashboards::fleet::agents_page(&shell, &Default::default()),
             gantry_dashboards::fleet::agent_page(&shell, &Default::default()),
+            gantry_dashboards::account::account_page(&shell, &Default::default()),
+            gantry_dashboards::webhooks::webhooks_page(&shell, &Default::default()),
+            gantry_dashboards::webhooks::deliveries_page(&shell, &Default::default()),
         ];
         for page in pages {
             assert!(!page.contains("<script>") && !page.contains("<style") && !page.contains(" style="), "{page}");

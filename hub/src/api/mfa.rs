@@ -96,7 +96,7 @@ pub(super) fn totp_enabled(hub: &Hub, principal: &Principal) -> ApiResult<bool> 
 
 /// `POST /api/v1/auth/totp`: a new pending secret (replacing an unconfirmed one), shown once.
 pub async fn enrol(State(hub): State<Arc<Hub>>, principal: Principal) -> ApiResult<Response> {
-    let user = person(&hub, &principal)?;
+    let user = person(&hub, &principal, "two-factor login")?;
     if user.totp.as_ref().is_some_and(|f| f.enabled) {
         return Err(already_on());
     }
@@ -129,7 +129,7 @@ pub async fn enrol(State(hub): State<Arc<Hub>>, principal: Principal) -> ApiResu
 
 /// `POST /api/v1/auth/totp/confirm`: turn the pending factor on with a right code.
 pub async fn confirm(State(hub): State<Arc<Hub>>, principal: Principal, ApiJson(body): ApiJson<ConfirmRequest>) -> ApiResult<Json<Value>> {
-    let user = person(&hub, &principal)?;
+    let user = person(&hub, &principal, "two-factor login")?;
     match &user.totp {
         None => return Err(ApiError::new(StatusCode::CONFLICT, "conflict", "no two-factor enrolment to confirm; start one with POST /api/v1/auth/totp")),
         Some(factor) if factor.enabled => return Err(already_on()),
@@ -154,7 +154,7 @@ pub async fn disable(
     principal: Principal,
     ApiJson(body): ApiJson<DisableRequest>,
 ) -> ApiResult<Json<Value>> {
-    let user = person(&hub, &principal)?;
+    let user = person(&hub, &principal, "two-factor login")?;
     let Some(factor) = &user.totp else {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", "two-factor login is not on"));
     };
@@ -182,10 +182,11 @@ pub async fn disable(
     Ok(Json(json!({ "totp_enabled": false })))
 }
 
-/// The user behind a session; API keys are refused (a second factor belongs to a person).
-fn person(hub: &Hub, principal: &Principal) -> ApiResult<User> {
+/// The user behind a session; API keys are refused (a second factor or a password belongs
+/// to a person). `what` names the refused action in the message.
+pub(super) fn person(hub: &Hub, principal: &Principal, what: &str) -> ApiResult<User> {
     if !principal.via_cookie {
-        return Err(ApiError::forbidden("two-factor login is set up by a person logged in to the dashboard or API, not with an API key"));
+        return Err(ApiError::forbidden(format!("{what} needs a person logged in to the dashboard or API, not an API key")));
     }
     match hub.store.user_by_email(&principal.name)? {
         Some(user) if user.id == principal.id && !user.disabled => Ok(user),

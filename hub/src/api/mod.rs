@@ -21,7 +21,9 @@ mod mfa;
 pub mod openapi;
 mod org_data;
 mod pages;
+mod pages_account;
 mod pages_admin;
+mod password;
 mod secrets;
 mod stripe_webhook;
 mod support;
@@ -540,6 +542,8 @@ pub fn routes() -> Routes {
         .with(backup::routes)
         .with(support::routes)
         .with(org_data::routes)
+        .with(password::routes)
+        .with(pages_account::routes)
         .with(pages_admin::routes)
         .with(pages::routes)
         .page(MethodFilter::GET, "/login", login_page)

@@ -79,7 +79,15 @@ impl Viewer {
     }
 
     fn shell<'a>(&'a self, active: Nav, flash: Option<&'a str>) -> Shell<'a> {
-        Shell { user: &self.principal.name, operator: self.principal.operator, org: self.org.as_deref(), brand: &self.brand, active, flash }
+        Shell {
+            user: &self.principal.name,
+            operator: self.principal.operator,
+            admin: super::pages_admin::administers(&self.principal, self.org.as_deref()),
+            org: self.org.as_deref(),
+            brand: &self.brand,
+            active,
+            flash,
+        }
     }
 
     /// An error as a page with the API error's status and message.

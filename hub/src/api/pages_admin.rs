@@ -64,7 +64,7 @@ async fn script() -> Response {
 
 /// The signed-in caller of a page, or the response to send instead (the login page, or the
 /// error that reading the session cookie met).
-fn signed_in(hub: &Hub, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
+pub(super) fn signed_in(hub: &Hub, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
     match super::pages::session_principal(hub, headers) {
         Ok(Some(principal)) => Ok(principal),
         Ok(None) => Err(Box::new(Redirect::to("/login").into_response())),
@@ -72,23 +72,32 @@ fn signed_in(hub: &Hub, headers: &HeaderMap) -> Result<Principal, Box<Response>>
     }
 }
 
+/// Whether the principal administers `org`, or with no org selected, any org: what decides
+/// whether the navigation shows admin-only sections ([`Nav::admin_only`]).
+pub(super) fn administers(principal: &Principal, org: Option<&str>) -> bool {
+    match org {
+        Some(org) => principal.check(org, Perm::Admin).is_ok(),
+        None => principal.access.everywhere.has(Perm::Admin) || principal.access.orgs.values().any(|perms| perms.has(Perm::Admin)),
+    }
+}
+
 /// Who is looking, where, and how the page is branded.
-struct Page {
-    principal: Principal,
-    org: Option<String>,
+pub(super) struct Page {
+    pub(super) principal: Principal,
+    pub(super) org: Option<String>,
     brand: Brand,
     active: Nav,
 }
 
 impl Page {
-    fn new(hub: &Hub, principal: Principal, org: Option<String>, active: Nav) -> Page {
+    pub(super) fn new(hub: &Hub, principal: Principal, org: Option<String>, active: Nav) -> Page {
         let mut page = Page { principal, org: None, brand: Brand::default(), active };
         page.set_org(hub, org);
         page
     }
 
     /// The org the page is about, and so its brand (white-label per org).
-    fn set_org(&mut self, hub: &Hub, org: Option<String>) {
+    pub(super) fn set_org(&mut self, hub: &Hub, org: Option<String>) {
         self.brand = crate::branding::brand_for(hub, &self.principal, org.as_deref()).unwrap_or_else(|error| {
             tracing::warn!(%error, "reading the brand failed; showing the default");
             Brand::default()
@@ -96,22 +105,30 @@ impl Page {
         self.org = org;
     }
 
-    fn shell<'a>(&'a self, flash: Option<&'a str>) -> Shell<'a> {
-        Shell { user: &self.principal.name, operator: self.principal.operator, org: self.org.as_deref(), brand: &self.brand, active: self.active, flash }
+    pub(super) fn shell<'a>(&'a self, flash: Option<&'a str>) -> Shell<'a> {
+        Shell {
+            user: &self.principal.name,
+            operator: self.principal.operator,
+            admin: administers(&self.principal, self.org.as_deref()),
+            org: self.org.as_deref(),
+            brand: &self.brand,
+            active: self.active,
+            flash,
+        }
     }
 
-    fn html(&self, status: StatusCode, html: String) -> Response {
+    pub(super) fn html(&self, status: StatusCode, html: String) -> Response {
         (status, Html(html)).into_response()
     }
 
     /// A refusal as a page with the refusal's status and message.
-    fn error(&self, error: ApiError) -> Response {
+    pub(super) fn error(&self, error: ApiError) -> Response {
         self.html(error.status, admin::error_page(&self.shell(None), error.status.as_u16(), &error.message))
     }
 }
 
 /// The JSON body of an API handler's answer.
-async fn answer_json(response: Response) -> ApiResult<Value> {
+pub(super) async fn answer_json(response: Response) -> ApiResult<Value> {
     let bytes = axum::body::to_bytes(response.into_body(), MAX_ANSWER_BYTES)
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "reading an answer failed"))?;
@@ -120,7 +137,7 @@ async fn answer_json(response: Response) -> ApiResult<Value> {
 
 /// The org a page is about: the one asked for, else the caller's own, else the first the
 /// caller can see. Whether the caller may see it is for the API handler to say.
-fn pick_org(hub: &Hub, principal: &Principal, asked: Option<String>) -> ApiResult<String> {
+pub(super) fn pick_org(hub: &Hub, principal: &Principal, asked: Option<String>) -> ApiResult<String> {
     if let Some(org) = asked.filter(|o| !o.is_empty()) {
         return Ok(org);
     }
@@ -136,7 +153,7 @@ fn pick_org(hub: &Hub, principal: &Principal, asked: Option<String>) -> ApiResul
 }
 
 /// A fixed message for `?done=` after a form action (never text from the query itself).
-fn flash(done: Option<&str>) -> Option<&'static str> {
+pub(super) fn flash(done: Option<&str>) -> Option<&'static str> {
     match done? {
         "org-created" => Some("Org created."),
         "status-changed" => Some("Subscription status changed."),
@@ -146,11 +163,16 @@ fn flash(done: Option<&str>) -> Option<&'static str> {
         "acknowledged" => Some("Alert acknowledged."),
         "silenced" => Some("Silence created."),
         "key-revoked" => Some("API key revoked."),
+        "password-changed" => Some("Password changed. Your other sessions were signed out."),
+        "totp-on" => Some("Two-factor login is on. From now on, sign-ins ask for a code from your authenticator app."),
+        "totp-off" => Some("Two-factor login is off."),
+        "webhook-deleted" => Some("Webhook endpoint deleted."),
+        "redelivered" => Some("Redelivery queued: a new delivery of the same event."),
         _ => None,
     }
 }
 
-fn see_other(location: &str) -> Response {
+pub(super) fn see_other(location: &str) -> Response {
     Redirect::to(location).into_response()
 }
 

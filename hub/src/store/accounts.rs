@@ -103,11 +103,17 @@ impl Store {
 
     /// Delete every session of `user_id`; how many there were.
     pub fn delete_sessions_of(&self, user_id: &str) -> Result<usize, Error> {
+        self.delete_sessions_of_except(user_id, None)
+    }
+
+    /// Delete every session of `user_id` but the one stored under `keep` (a session key,
+    /// the SHA-256 of its cookie value); how many were deleted.
+    pub fn delete_sessions_of_except(&self, user_id: &str, keep: Option<&str>) -> Result<usize, Error> {
         let mut ended = 0;
         for entry in self.sessions.iter() {
             let (k, v) = entry?;
             let session: super::Session = decode("session", &v)?;
-            if session.user_id == user_id {
+            if session.user_id == user_id && keep.is_none_or(|keep| k.as_ref() != keep.as_bytes()) {
                 self.sessions.remove(k)?;
                 ended += 1;
             }
