@@ -188,6 +188,7 @@ async fn a_ledger_conflict_is_kept_and_alerts_until_an_operator_resolves_it() {
     let owner_key = gantry_hub::auth::create_api_key(&hub.hub, "test", Some("acme".into()), "test").unwrap().1;
     let customer = hub.api().with_bearer(&owner_key);
     assert_eq!(customer.get("/api/v1/billing/conflicts?org=acme").await.0, 403);
+    assert_eq!(customer.get("/api/v1/billing/stripe/outbox?org=acme").await.0, 403, "the Stripe outbox is for operators");
     assert_eq!(customer.post(resolve, &json!({ "org": "acme", "key": key, "note": "mine" })).await.0, 403);
     assert_eq!(api.get("/api/v1/billing/conflicts?org=acme").await.1["conflicts"].as_array().unwrap().len(), 1);
 

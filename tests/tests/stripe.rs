@@ -287,6 +287,20 @@ async fn usage_older_than_35_days_goes_to_the_fallback() {
     let rows = hub.hub.store.stripe_outbox(&[OutboxState::Fallback]).unwrap();
     assert!(rows[0].note.as_deref().unwrap_or("").starts_with("too_old"), "{rows:?}");
     assert!(stub.events().is_empty());
+    // Operators find it through the API, to bill it as an invoice adjustment.
+    let (status, body) = hub.api().get("/api/v1/billing/stripe/outbox?org=acme").await;
+    assert_eq!(status, 200, "{body}");
+    let listed = body["rows"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{body}");
+    assert_eq!(listed[0]["state"], "fallback");
+    assert_eq!(listed[0]["quantity"], 5);
+    assert_eq!(listed[0]["meter"], "events");
+    assert!(listed[0]["note"].as_str().unwrap().starts_with("too_old"), "{body}");
+    let (status, body) = hub.api().get("/api/v1/billing/stripe/outbox?org=acme&state=confirmed").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["rows"].as_array().unwrap().is_empty(), "{body}");
+    let (status, body) = hub.api().get("/api/v1/billing/stripe/outbox?state=lost").await;
+    assert_eq!(status, 400, "an unknown state is refused: {body}");
     hub.stop().await;
 }
 

@@ -389,6 +389,41 @@ pub async fn resolve_conflict(
     Ok(Json(resolved))
 }
 
+/// `GET /api/v1/billing/stripe/outbox` query.
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxQuery {
+    /// Only this org's rows.
+    pub org: Option<String>,
+    /// Only rows in this state (`pending`, `sent`, `confirmed`, `fallback`, `needs_review`).
+    /// Default: the rows an operator has to act on, `fallback` and `needs_review`.
+    pub state: Option<crate::store::OutboxState>,
+}
+
+/// Rows of the Stripe meter-event outbox, oldest first.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct OutboxList {
+    pub rows: Vec<crate::store::OutboxRow>,
+}
+
+/// The Stripe outbox (operators): by default the usage Stripe cannot take as meter events
+/// (`fallback`: older than its 35-day window, or negative corrections), to be billed as
+/// invoice adjustments, and the rows a reconciliation could not decide (`needs_review`).
+pub async fn stripe_outbox(State(hub): State<Arc<Hub>>, principal: Principal, ApiQuery(query): ApiQuery<OutboxQuery>) -> ApiResult<Json<OutboxList>> {
+    use crate::store::OutboxState;
+    require_operator(&principal, Perm::Billing)?;
+    let states = match query.state {
+        Some(state) => vec![state],
+        None => vec![OutboxState::Fallback, OutboxState::NeedsReview],
+    };
+    let mut rows = hub.store.stripe_outbox(&states)?;
+    if let Some(org) = &query.org {
+        rows.retain(|r| &r.org == org);
+    }
+    rows.sort_by_key(|r| r.seq);
+    Ok(Json(OutboxList { rows }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

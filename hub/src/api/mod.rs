@@ -521,6 +521,14 @@ pub fn routes() -> Routes {
             billing_usage::resolve_conflict,
             Op::new("Mark a ledger conflict reviewed (operators)").tag("billing").body::<billing_usage::ResolveConflictRequest>(),
         )
+        .get(
+            "/api/v1/billing/stripe/outbox",
+            billing_usage::stripe_outbox,
+            Op::new("Stripe meter-event outbox rows; by default those an operator must act on (operators)")
+                .tag("billing")
+                .query::<billing_usage::OutboxQuery>()
+                .response::<billing_usage::OutboxList>(),
+        )
         .post(
             "/api/v1/webhooks/stripe",
             stripe_webhook::receive,

@@ -41,7 +41,7 @@ impl Trees {
 const CURSOR_KEY: &[u8] = b"cursor";
 
 /// Where an outbox row stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OutboxState {
     /// Not sent yet (or Stripe refused it with a retryable answer).
@@ -76,7 +76,7 @@ impl OutboxState {
 }
 
 /// One ledger entry on its way to Stripe as a meter event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OutboxRow {
     /// The meter event's `identifier`, also its `Idempotency-Key`.
     pub identifier: String,
