@@ -703,8 +703,14 @@ fn print_quickstart(hub: &Arc<Hub>, login: &(String, Option<String>), token: &st
     println!();
     println!("Enroll another machine (token valid 24 h, 10 uses):");
     println!("  gantry-agent enroll --token {token} && gantry-agent run");
-    println!("or install the agent there with one command:");
-    println!("  curl -fsSL {url}/install.sh | sudo sh -s -- --token {token}");
+    if crate::install::builds(&hub.config.installer).is_empty() {
+        // Nothing to download: install.sh would stop at its download step.
+        println!("(the one-command installer needs an agent build to serve: build gantry-agent beside");
+        println!(" gantry-hub, e.g. `cargo build --release -p gantry-agent`, or set [installer] downloads_dir)");
+    } else {
+        println!("or install the agent there with one command:");
+        println!("  curl -fsSL {url}/install.sh | sudo sh -s -- --token {token}");
+    }
     println!();
     println!("Press Ctrl-C to stop.");
 }

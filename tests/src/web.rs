@@ -128,8 +128,19 @@ impl Drop for WebhookReceiver {
     }
 }
 
-/// Read one request (head and `Content-Length` body); its `Gantry-Delivery` header.
-async fn read_delivery(stream: &mut tokio::net::TcpStream) -> Option<String> {
+/// One HTTP/1.1 request as a test endpoint received it.
+#[derive(Debug, Clone, Default)]
+pub struct HttpRequest {
+    /// `METHOD PATH HTTP/1.1`.
+    pub request_line: String,
+    /// Header names in lowercase.
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// Read one request (head and `Content-Length` body) from `stream`; `None` if the peer
+/// closes first.
+pub async fn read_http_request(stream: &mut tokio::net::TcpStream) -> Option<HttpRequest> {
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
     let head_end = loop {
@@ -142,14 +153,21 @@ async fn read_delivery(stream: &mut tokio::net::TcpStream) -> Option<String> {
         }
     };
     let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let header =
-        |name: &str| head.lines().filter_map(|l| l.split_once(':')).find(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string());
-    let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let headers: std::collections::HashMap<String, String> =
+        lines.filter_map(|l| l.split_once(':')).map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string())).collect();
+    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     while data.len() < head_end + length {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => return None,
             Ok(n) => data.extend_from_slice(&buf[..n]),
         }
     }
-    header("gantry-delivery")
+    Some(HttpRequest { request_line, headers, body: data[head_end..head_end + length].to_vec() })
+}
+
+/// Read one request; its `Gantry-Delivery` header.
+async fn read_delivery(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    read_http_request(stream).await?.headers.get("gantry-delivery").cloned()
 }

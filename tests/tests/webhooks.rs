@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Retry base for these hubs: retries after 0.2 s, 0.6 s, 1.2 s, 2.4 s, ...
 const RETRY_BASE_MS: u64 = 200;
@@ -106,30 +106,9 @@ impl Drop for Receiver {
 }
 
 async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Received> {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let mut lines = head.lines();
-    assert!(lines.next().unwrap_or_default().starts_with("POST /hooks/gantry HTTP/1.1"), "{head}");
-    let headers: HashMap<String, String> =
-        lines.filter_map(|l| l.split_once(':')).map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string())).collect();
-    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    while data.len() < head_end + length {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-        }
-    }
-    Some(Received { headers, body: data[head_end..head_end + length].to_vec(), answered: 0 })
+    let request = gantry_tests::web::read_http_request(stream).await?;
+    assert!(request.request_line.starts_with("POST /hooks/gantry HTTP/1.1"), "{request:?}");
+    Some(Received { headers: request.headers, body: request.body, answered: 0 })
 }
 
 async fn start_hub(data: &std::path::Path) -> TestHub {
