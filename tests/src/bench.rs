@@ -54,7 +54,7 @@ pub fn cores() -> usize {
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let path = exe.parent().context("executable has no directory")?.join(name);
-    anyhow::ensure!(path.exists(), "{} is missing; build it with `cargo build --release -p gantry-tests --bins`", path.display());
+    anyhow::ensure!(path.exists(), "{} is missing; build it with `cargo build --release -p gantry-tests --features bench --bins`", path.display());
     Ok(path)
 }
 

@@ -22,7 +22,7 @@
 //!   runs; every run must end with N × H entries and the same usage sum (checked).
 //!
 //! Prints a human summary and, as its last line, one JSON object with the figures. Build in
-//! release: `cargo build --release -p gantry-tests --bin gantry-bench-billing`.
+//! release: `cargo build --release -p gantry-tests --features bench --bin gantry-bench-billing`.
 
 use anyhow::{bail, ensure, Context, Result};
 use gantry_hub::billing::pricing::{compute_invoice, Charge, MeterPrice, Prices, Segment, Tier, UnitPrice};

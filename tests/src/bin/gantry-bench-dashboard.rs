@@ -14,7 +14,7 @@
 //! building, rendering, the response. Reports the median, 90th percentile and maximum per
 //! page, the page's size, and as its last line one JSON object with the figures.
 //!
-//! Build in release: `cargo build --release -p gantry-tests --bin gantry-bench-dashboard`.
+//! Build in release: `cargo build --release -p gantry-tests --features bench --bin gantry-bench-dashboard`.
 
 use anyhow::{bail, ensure, Context, Result};
 use gantry_hub::store::{Agent, Token};

@@ -21,7 +21,7 @@
 //!   agent acknowledged.
 //!
 //! Prints a human summary and, as its last line, one JSON object with the figures. Build
-//! in release: `cargo build --release -p gantry-tests --bins`; the hub and agent programs
+//! in release: `cargo build --release -p gantry-tests --features bench --bins`; the hub and agent programs
 //! (`gantry-e2e-hub`, `gantry-e2e-agent`) run from the same directory as this binary.
 //! Everything binds loopback only, is bounded in time, and cleans up after itself.
 

@@ -32,7 +32,7 @@
 //! Each subcommand prints a human summary and, as its last line, one JSON object with the
 //! figures. Everything binds loopback only, is bounded in time, stops by itself, kills its
 //! child processes and removes its temporary directories. Build in release:
-//! `cargo build --release -p gantry-tests --bins`; the hub and agent programs
+//! `cargo build --release -p gantry-tests --features bench --bins`; the hub and agent programs
 //! (`gantry-e2e-hub`, `gantry-e2e-agent`) are run from the same directory as this binary.
 
 use anyhow::{bail, Context, Result};

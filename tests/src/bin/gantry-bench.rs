@@ -9,7 +9,7 @@
 //!
 //! Each subcommand prints a human summary and, as its last line, one JSON object with the
 //! figures. Everything binds loopback only, is bounded in time, stops by itself and removes
-//! its temporary directories. Build in release: `cargo build --release -p gantry-tests --bins`
+//! its temporary directories. Build in release: `cargo build --release -p gantry-tests --features bench --bins`
 //! (`idle-memory` and `agent-rss` run `gantry-e2e-hub` / `gantry-e2e-agent` from the same
 //! directory as this binary).
 
