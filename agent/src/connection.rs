@@ -319,6 +319,11 @@ async fn session(
     let mut established = false;
     let mut renewal: Option<rcgen::KeyPair> = None;
     let mut renew_retry = Duration::from_secs(60);
+    // The spool backlog goes to hubs that understand it, when it changed, at most this often.
+    let mut spool_reports = tokio::time::interval(SPOOL_REPORT_INTERVAL);
+    spool_reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut spool_reported: Option<gantry_shared::message::SpoolState> = None;
+    let mut reports_spool = false;
 
     loop {
         while let Some(message) = session.poll_transmit() {
@@ -330,6 +335,7 @@ async fn session(
             match event {
                 SessionEvent::Established { version, .. } => {
                     established = true;
+                    reports_spool = version >= gantry_shared::SPOOL_STATE_VERSION;
                     info!(version, "connected to hub");
                     // Tell the hub where every deployment stands (it may have missed reports).
                     for report in deployer.snapshot() {
@@ -442,10 +448,20 @@ async fn session(
                 }
             }
             Some(reply) = results.recv() => session.queue(AgentMessage::ActionResult(Box::new(reply))),
+            _ = spool_reports.tick(), if reports_spool => {
+                let current = outbox.spool_state();
+                if spool_reported.as_ref() != Some(&current) {
+                    session.queue(AgentMessage::SpoolState(current.clone()));
+                    spool_reported = Some(current);
+                }
+            }
             error = connection.closed() => return classify_close(&error, identity, established),
         }
     }
 }
+
+/// How often the agent looks whether its spool backlog changed (and tells the hub if so).
+const SPOOL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Pin further hub CAs in `identity.json` (announced by the hub, or the signer of a renewed
 /// certificate). The session they came over was verified against a pinned CA.

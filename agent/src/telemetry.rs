@@ -42,6 +42,25 @@ impl Outbox {
         &self.spool
     }
 
+    /// The backlog per class, as reported to the hub.
+    pub fn spool_state(&self) -> gantry_shared::message::SpoolState {
+        let config = self.spool.config();
+        let streams = StreamClass::ALL
+            .into_iter()
+            .map(|class| {
+                let stats = self.spool.stats(class);
+                gantry_shared::message::SpoolStream {
+                    class,
+                    records: stats.records,
+                    bytes: stats.bytes,
+                    cap_bytes: config.cap(class),
+                    dropped_records: stats.dropped_records,
+                }
+            })
+            .collect();
+        gantry_shared::message::SpoolState { streams }
+    }
+
     /// Spool records (and a collector checkpoint) durably, then wake the class's sender.
     /// If the spool had to drop old records to stay under its cap, an event says so.
     pub fn push(&self, class: StreamClass, items: Vec<(i64, RecordBody)>, checkpoint: Option<(&str, &[u8])>) -> Result<AppendOutcome, crate::spool::Error> {

@@ -56,6 +56,39 @@
     start(initial ? initial.value : "");
   };
 
+  // The agents list following the fleet live:
+  // <div data-live="agent-list" data-src="/api/v1/agents/stream" data-state="ID"><table>.
+  // Each `agent` event updates that agent's row (status, last seen, round trip), if shown.
+  Gantry.live["agent-list"] = function (wrap) {
+    var state = document.getElementById(wrap.getAttribute("data-state") || "");
+    function status(value) { if (state) text(state, value); }
+    function rowOf(id) {
+      var links = wrap.querySelectorAll("a[href]");
+      for (var i = 0; i < links.length; i++) {
+        if (links[i].getAttribute("href") === "/agents/" + encodeURIComponent(id)) return links[i].closest("tr");
+      }
+      return null;
+    }
+    var source = new EventSource(wrap.getAttribute("data-src"));
+    status("Connecting…");
+    source.onopen = function () { status("Live: status updates as agents connect and disconnect."); };
+    source.onerror = function () { status("Reconnecting…"); };
+    source.addEventListener("agent", function (event) {
+      var agent;
+      try { agent = JSON.parse(event.data); } catch (e) { return; }
+      var row = rowOf(agent.id);
+      if (!row || row.cells.length < 7) return;
+      var badge = document.createElement("span");
+      badge.className = "status status-" + String(agent.status).replace(/[^a-z0-9_-]/gi, "");
+      text(badge, agent.status);
+      var cell = row.cells[1];
+      while (cell.firstChild) cell.removeChild(cell.firstChild);
+      cell.appendChild(badge);
+      text(row.cells[5], agent.last_seen || "never");
+      text(row.cells[6], typeof agent.rtt_ms === "number" ? agent.rtt_ms.toFixed(1) + " ms" : "");
+    });
+  };
+
   function copy(button) {
     var target = document.getElementById(button.getAttribute("data-copy"));
     if (!target) return;

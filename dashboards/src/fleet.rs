@@ -258,14 +258,38 @@ impl AgentFilter {
     pub fn is_set(&self) -> bool {
         !(self.status.is_empty() && self.label.is_empty() && self.version.is_empty() && self.q.is_empty() && self.org.is_empty())
     }
+
+    /// The list's URL with these filters and `page` (pages after the first only).
+    pub fn href(&self, page: usize) -> String {
+        let mut pairs: Vec<String> = [("q", &self.q), ("status", &self.status), ("label", &self.label), ("version", &self.version), ("org", &self.org)]
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("{k}={}", query_escape(v)))
+            .collect();
+        if page > 1 {
+            pairs.push(format!("page={page}"));
+        }
+        if pairs.is_empty() {
+            "/agents".into()
+        } else {
+            format!("/agents?{}", pairs.join("&"))
+        }
+    }
 }
+
+/// Agents per page of the agents list.
+pub const AGENTS_PER_PAGE: usize = 100;
 
 /// The agents list page.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentsListView {
     pub filter: AgentFilter,
-    /// Agents passing the filter, in display order.
+    /// This page of the agents passing the filter, in display order.
     pub agents: Vec<AgentItem>,
+    /// Agents passing the filter, on every page.
+    pub matched: usize,
+    /// The page shown, from 1; [`AGENTS_PER_PAGE`] agents each.
+    pub page: usize,
     /// Agents the caller sees before filtering.
     pub total: usize,
     /// Versions seen, for the version filter.
@@ -324,14 +348,46 @@ pub fn agents_page(shell: &Shell, view: &AgentsListView) -> String {
         body.push_str("<a class=\"button secondary\" href=\"/agents\">Clear</a>");
     }
     body.push_str("</form>");
-    let _ = write!(body, "<p class=\"muted\" role=\"status\">{} of {} agents</p>", view.agents.len(), view.total);
+    let pages = view.matched.div_ceil(AGENTS_PER_PAGE).max(1);
+    let shown = if pages > 1 {
+        let first = (view.page - 1) * AGENTS_PER_PAGE + 1;
+        format!(" · showing {first}–{}", first + view.agents.len().saturating_sub(1))
+    } else {
+        String::new()
+    };
+    let _ = write!(body, "<p class=\"muted\" role=\"status\">{} of {} agents{shown}</p>", view.matched, view.total);
     let rows: Vec<Vec<Cell>> = view.agents.iter().map(agent_row).collect();
     let empty = if view.total == 0 {
         layout::empty_state("No agents enrolled", "Create an enrollment token and run the install command on a server to add one.")
+    } else if view.matched > 0 {
+        layout::empty_state("No agents on this page", "Go back to the first page.")
     } else {
         layout::empty_state("No agent matches these filters", "Clear a filter or search for something else.")
     };
+    // With JavaScript, the rows follow the agents' status live (GET /api/v1/agents/stream).
+    let stream = if f.org.is_empty() { "/api/v1/agents/stream".to_string() } else { format!("/api/v1/agents/stream?org={}", query_escape(&f.org)) };
+    if !rows.is_empty() {
+        let _ = write!(
+            body,
+            "<p id=\"agents-live\" class=\"muted js-only hidden\" aria-live=\"polite\"></p><div data-live=\"agent-list\" data-src=\"{}\" data-state=\"agents-live\">",
+            escape(&stream)
+        );
+    }
     body.push_str(&layout::table("Agents", &["Host", "Status", "Org", "OS", "Version", "Last seen", "RTT", "Labels"], &rows, &empty));
+    if !rows.is_empty() {
+        body.push_str("</div>");
+    }
+    if pages > 1 {
+        body.push_str("<nav class=\"pager\" aria-label=\"Pages of agents\">");
+        if view.page > 1 {
+            let _ = write!(body, "<a rel=\"prev\" href=\"{}\">Previous</a>", escape(&f.href(view.page - 1)));
+        }
+        let _ = write!(body, "<span>Page {} of {pages}</span>", view.page);
+        if view.page < pages {
+            let _ = write!(body, "<a rel=\"next\" href=\"{}\">Next</a>", escape(&f.href(view.page + 1)));
+        }
+        body.push_str("</nav>");
+    }
     layout::render(shell, "Agents", &body)
 }
 
@@ -411,6 +467,41 @@ pub struct ConnectionView {
     pub streams: Vec<(String, u64)>,
     /// Records the agent dropped because its spool was full, if it reported any gap.
     pub spool_dropped: Option<String>,
+    /// What the agent holds unacknowledged in its spool, as it last reported it; `None`
+    /// while offline or for agents too old to report it (see [`ConnectionView::online`]).
+    pub spool_backlog: Option<SpoolBacklog>,
+    /// The agent has a live session (tells "offline" from "not reported" for the backlog).
+    pub online: bool,
+}
+
+/// An agent's spool backlog, per stream class.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpoolBacklog {
+    /// RFC 3339 time the hub received the report.
+    pub reported_at: String,
+    /// `(class, records, bytes, cap bytes)`.
+    pub streams: Vec<(String, u64, u64, u64)>,
+}
+
+impl SpoolBacklog {
+    /// One line: the total, then each class that holds anything with its share of the cap.
+    pub fn summary(&self) -> String {
+        let records: u64 = self.streams.iter().map(|s| s.1).sum();
+        let bytes: u64 = self.streams.iter().map(|s| s.2).sum();
+        if records == 0 {
+            return format!("empty (reported {})", self.reported_at);
+        }
+        let parts: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|s| s.1 > 0)
+            .map(|(class, records, bytes, cap)| {
+                let share = if *cap == 0 { 0.0 } else { *bytes as f64 * 100.0 / *cap as f64 };
+                format!("{class} {records} ({}, {share:.1} % of {})", crate::chart::bytes(*bytes as f64), crate::chart::bytes(*cap as f64))
+            })
+            .collect();
+        format!("{records} records, {} — {} (reported {})", crate::chart::bytes(bytes as f64), parts.join("; "), self.reported_at)
+    }
 }
 
 /// The agent detail page.
@@ -466,7 +557,12 @@ pub fn agent_page(shell: &Shell, view: &AgentDetailView) -> String {
     let _ = write!(body, "<dt>Last seen</dt><dd>{}</dd>", escape(if agent.last_seen.is_empty() { "never" } else { &agent.last_seen }));
     body.push_str("</dl></section><section class=\"card\" aria-labelledby=\"conn-h\"><h2 id=\"conn-h\">Connection</h2><dl class=\"facts\">");
     let c = &view.connection;
-    let rows: [(&str, String); 6] = [
+    let backlog = match (&c.spool_backlog, c.online) {
+        (Some(backlog), _) => backlog.summary(),
+        (None, true) => "not reported (agent older than protocol 3)".into(),
+        (None, false) => "unknown while offline".into(),
+    };
+    let rows: [(&str, String); 7] = [
         ("Round trip", c.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "unknown".into())),
         ("Clock skew", c.clock_skew_ms.map(|s| format!("{s} ms")).unwrap_or_else(|| "unknown".into())),
         (
@@ -475,6 +571,7 @@ pub fn agent_page(shell: &Shell, view: &AgentDetailView) -> String {
         ),
         ("Connected since", c.connected_since.clone().unwrap_or_else(|| "not connected".into())),
         ("Address", c.remote_addr.clone().unwrap_or_default()),
+        ("Spool backlog", backlog),
         ("Spool drops", c.spool_dropped.clone().unwrap_or_else(|| "none reported".into())),
     ];
     for (label, value) in rows {
@@ -724,6 +821,8 @@ mod tests {
         let view = AgentsListView {
             filter: AgentFilter { q: "\"><script>".into(), status: "online".into(), ..AgentFilter::default() },
             agents: vec![agent("agt_1", "online")],
+            matched: 1,
+            page: 1,
             total: 2,
             versions: vec!["0.1.0".into()],
             ..AgentsListView::default()
@@ -738,6 +837,54 @@ mod tests {
         assert!(none.contains("No agent matches these filters"));
         let empty = agents_page(&shell(&brand, Nav::Agents), &AgentsListView::default());
         assert!(empty.contains("No agents enrolled"));
+        assert!(html.contains("data-live=\"agent-list\" data-src=\"/api/v1/agents/stream\""), "rows follow the live stream");
+        assert!(!html.contains("class=\"pager\""), "one page needs no pager");
+    }
+
+    #[test]
+    fn long_lists_are_paged_and_the_pager_keeps_the_filters() {
+        let brand = Brand::default();
+        let filter = AgentFilter { status: "online".into(), org: "a&b".into(), ..AgentFilter::default() };
+        let agents: Vec<AgentItem> = (0..AGENTS_PER_PAGE).map(|i| agent(&format!("agt_{i}"), "online")).collect();
+        let page = |page: usize, agents: Vec<AgentItem>| {
+            let view = AgentsListView { filter: filter.clone(), agents, matched: 250, page, total: 300, ..AgentsListView::default() };
+            agents_page(&shell(&brand, Nav::Agents), &view)
+        };
+        let first = page(1, agents.clone());
+        assert!(first.contains("250 of 300 agents · showing 1–100"), "{first}");
+        assert!(first.contains("<span>Page 1 of 3</span><a rel=\"next\" href=\"/agents?status=online&amp;org=a%26b&amp;page=2\">Next</a>"), "{first}");
+        assert!(!first.contains("rel=\"prev\""));
+        assert!(first.contains("data-src=\"/api/v1/agents/stream?org=a%26b\""));
+        let last = page(3, agents[..50].to_vec());
+        assert!(last.contains("showing 201–250") && last.contains("<a rel=\"prev\" href=\"/agents?status=online&amp;org=a%26b&amp;page=2\">Previous</a>"));
+        assert!(!last.contains("rel=\"next\""));
+        let beyond = page(4, Vec::new());
+        assert!(beyond.contains("No agents on this page"), "{beyond}");
+        assert_eq!(AgentFilter::default().href(1), "/agents");
+    }
+
+    #[test]
+    fn the_spool_backlog_says_what_waits_per_class_or_why_it_is_unknown() {
+        let brand = Brand::default();
+        let mut view = AgentDetailView { agent: agent("agt_1", "offline"), range: "1h".into(), ..AgentDetailView::default() };
+        assert!(agent_page(&shell(&brand, Nav::Agents), &view).contains("<dt>Spool backlog</dt><dd>unknown while offline</dd>"));
+        view.connection.online = true;
+        assert!(agent_page(&shell(&brand, Nav::Agents), &view).contains("<dd>not reported (agent older than protocol 3)</dd>"));
+        let at = "2026-12-01T05:00:00Z".to_string();
+        view.connection.spool_backlog =
+            Some(SpoolBacklog { reported_at: at.clone(), streams: vec![("metrics".into(), 0, 0, 1 << 20), ("logs".into(), 0, 0, 1 << 20)] });
+        assert!(agent_page(&shell(&brand, Nav::Agents), &view).contains(&format!("<dd>empty (reported {at})</dd>")));
+        view.connection.spool_backlog = Some(SpoolBacklog {
+            reported_at: at.clone(),
+            streams: vec![("metrics".into(), 2, 1024, 1 << 20), ("logs".into(), 300, 256 * 1024, 1 << 20), ("events".into(), 0, 0, 1 << 20)],
+        });
+        let html = agent_page(&shell(&brand, Nav::Agents), &view);
+        assert!(
+            html.contains(&format!(
+                "<dd>302 records, 257.0 KiB — metrics 2 (1.0 KiB, 0.1 % of 1.0 MiB); logs 300 (256.0 KiB, 25.0 % of 1.0 MiB) (reported {at})</dd>"
+            )),
+            "{html}"
+        );
     }
 
     #[test]

@@ -217,6 +217,7 @@ async fn session(hub: Arc<Hub>, connection: quinn::Connection, identity: crate::
                         rtt_ms: connection.rtt().as_secs_f64() * 1000.0,
                         clock_skew_ms,
                         remote_addr: connection.remote_address().to_string(),
+                        spool: None,
                     };
                     hub.registry.register(&agent_id, conn_id, connection.clone(), commands_tx.clone(), info.clone());
                     registered = true;
@@ -283,6 +284,10 @@ async fn session(hub: Arc<Hub>, connection: quinn::Connection, identity: crate::
                 }
                 HubEvent::Message(AgentMessage::ActionResult(reply)) => {
                     hub.registry.resolve(&agent_id, conn_id, *reply);
+                }
+                HubEvent::Message(AgentMessage::SpoolState(state)) => {
+                    let now = crate::wall_ms();
+                    hub.registry.update(&agent_id, conn_id, |info| info.spool = Some((now, state)));
                 }
                 HubEvent::Message(other) => {
                     debug!(message = ?std::mem::discriminant(&other), "message not handled by this hub version");

@@ -30,6 +30,9 @@ pub struct LiveInfo {
     pub rtt_ms: f64,
     pub clock_skew_ms: i64,
     pub remote_addr: String,
+    /// The agent's spool backlog as it last reported it (agents of protocol version 3 and
+    /// later), with the hub's clock when it arrived.
+    pub spool: Option<(i64, gantry_shared::message::SpoolState)>,
 }
 
 #[derive(Debug)]
@@ -60,6 +63,8 @@ pub enum SendRefused {
 pub struct Registry {
     sessions: Mutex<HashMap<String, Entry>>,
     next_action: AtomicU64,
+    /// Woken whenever an agent comes online or goes offline (live fleet views wait on it).
+    pub changes: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -76,6 +81,7 @@ impl Registry {
         if let Some(old) = old {
             old.connection.close(ErrorCode::Superseded.as_u32().into(), b"superseded by a newer connection");
         }
+        self.changes.notify_waiters();
     }
 
     /// Remove the session if `conn_id` is still the current one; returns whether it was.
@@ -83,6 +89,8 @@ impl Registry {
         let mut sessions = self.lock();
         if sessions.get(agent_id).is_some_and(|e| e.conn_id == conn_id) {
             sessions.remove(agent_id);
+            drop(sessions);
+            self.changes.notify_waiters();
             true
         } else {
             false

@@ -25,7 +25,10 @@ pub const HUB_SERVER_NAME: &str = "hub.gantry.internal";
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks. Version 2 adds
-/// [`message::HubMessage::TrustedCas`]; everything else is as in version 1.
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+/// [`message::HubMessage::TrustedCas`], version 3 [`message::AgentMessage::SpoolState`];
+/// everything else is as in version 1.
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 /// First protocol version whose agents understand [`message::HubMessage::TrustedCas`].
 pub const TRUSTED_CAS_VERSION: u16 = 2;
+/// First protocol version whose hubs understand [`message::AgentMessage::SpoolState`].
+pub const SPOOL_STATE_VERSION: u16 = 3;

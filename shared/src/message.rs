@@ -157,6 +157,30 @@ pub struct TrustedCas {
     pub ca_sha256: Vec<String>,
 }
 
+/// What an agent holds in its spool, waiting for the hub's acknowledgement: the backlog an
+/// operator sees under "connection quality". Sent at session start and whenever it changes
+/// (at most every few seconds), on sessions of protocol version 3 and later only: an older
+/// hub cannot decode it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolState {
+    /// One entry per stream class, in [`StreamClass::ALL`] order.
+    pub streams: Vec<SpoolStream>,
+}
+
+/// The spool backlog of one stream class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolStream {
+    pub class: StreamClass,
+    /// Records not yet acknowledged by the hub (gap markers included).
+    pub records: u64,
+    /// Their stored bytes, as counted against the cap.
+    pub bytes: u64,
+    /// The class's byte cap: once full, the oldest logs and metrics are dropped.
+    pub cap_bytes: u64,
+    /// Records dropped because the cap was reached, since the spool was created.
+    pub dropped_records: u64,
+}
+
 /// Named telemetry stream; one QUIC stream per class so a log flood never delays control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum StreamClass {
@@ -339,6 +363,8 @@ pub enum AgentMessage {
     DeployReport(DeployReport),
     /// The result of a support action the hub asked for (same id).
     ActionResult(Box<crate::support::ActionReply>),
+    /// The spool backlog (protocol version 3 and later only).
+    SpoolState(SpoolState),
 }
 
 /// Everything the hub sends.

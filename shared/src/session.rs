@@ -558,6 +558,7 @@ fn agent_message_name(msg: &AgentMessage) -> &'static str {
         AgentMessage::Ack(_) => "Ack",
         AgentMessage::DeployReport(_) => "DeployReport",
         AgentMessage::ActionResult(_) => "ActionResult",
+        AgentMessage::SpoolState(_) => "SpoolState",
     }
 }
 
@@ -682,6 +683,9 @@ impl HubSession {
                 self.transmit.push_back(HubMessage::HeartbeatAck(HeartbeatAck { seq: hb.seq, hub_clock_unix_ms: wall_unix_ms }));
                 self.events.push_back(HubEvent::HeartbeatReceived { seq: hb.seq, clock_skew_ms: wall_diff(hb.agent_clock_unix_ms, wall_unix_ms) });
                 Ok(())
+            }
+            (Some(version), AgentMessage::SpoolState(_)) if version < crate::SPOOL_STATE_VERSION => {
+                Err(SessionError::Protocol(format!("agent sent SpoolState on a version {version} session (needs {})", crate::SPOOL_STATE_VERSION)))
             }
             (Some(_), other) => {
                 self.events.push_back(HubEvent::Message(other));
@@ -1173,6 +1177,29 @@ mod tests {
             let err = hub.handle_message(Timestamp(2), 0, second).unwrap_err();
             assert_eq!(err.code(), ErrorCode::Protocol);
             assert!(matches!(hub.poll_transmit(), Some(HubMessage::Error(_))));
+        }
+    }
+
+    #[test]
+    fn spool_state_is_delivered_from_version_3_and_refused_before() {
+        let state = crate::message::SpoolState {
+            streams: vec![crate::message::SpoolStream { class: StreamClass::Logs, records: 7, bytes: 700, cap_bytes: 4096, dropped_records: 1 }],
+        };
+        for (max, accepted) in [(crate::SPOOL_STATE_VERSION, true), (crate::SPOOL_STATE_VERSION - 1, false)] {
+            let mut hub = HubSession::new(SessionConfig::default(), Timestamp(0), "a", "o");
+            let hello = AgentMessage::Hello(Hello { versions: VersionRange { min: 1, max }, facts: facts(), agent_clock_unix_ms: 0 });
+            hub.handle_message(Timestamp(1), 0, hello).unwrap();
+            assert!(matches!(hub.poll_transmit(), Some(HubMessage::Welcome(w)) if w.version == max));
+            let _hello = hub.poll_event();
+            let result = hub.handle_message(Timestamp(2), 0, AgentMessage::SpoolState(state.clone()));
+            if accepted {
+                assert_eq!(result, Ok(()));
+                assert_eq!(hub.poll_event(), Some(HubEvent::Message(AgentMessage::SpoolState(state.clone()))));
+            } else {
+                let err = result.unwrap_err();
+                assert_eq!(err.code(), ErrorCode::Protocol);
+                assert!(err.to_string().contains("SpoolState on a version 2 session"), "{err}");
+            }
         }
     }
 

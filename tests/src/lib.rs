@@ -584,6 +584,76 @@ impl LineWriter {
     }
 }
 
+/// A Server-Sent Events response read event by event.
+#[derive(Debug)]
+pub struct SseReader {
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+/// One Server-Sent Event with data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    /// `id:`, empty when the event has none.
+    pub id: String,
+    /// `event:`, `message` when the event names none.
+    pub event: String,
+    pub data: Value,
+}
+
+impl SseReader {
+    /// Open `path` with the API's credentials (and `Last-Event-ID`, to resume); asserts a 200
+    /// event stream.
+    pub async fn open(api: &Api, path: &str, last_event_id: Option<&str>) -> SseReader {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+        let mut request = hyper::Request::get(format!("{}{path}", api.base));
+        if let Some(bearer) = &api.bearer {
+            request = request.header("authorization", format!("Bearer {bearer}"));
+        }
+        if let Some(cookie) = &api.cookie {
+            request = request.header("cookie", cookie.as_str());
+        }
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = client.request(request.body(Full::new(bytes::Bytes::new())).expect("request")).await.expect("event stream request");
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        SseReader { body: response.into_body(), buffer: String::new() }
+    }
+
+    /// The next `want` events carrying data, within 30 s.
+    pub async fn events(&mut self, want: usize) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        let read = async {
+            while events.len() < want {
+                while let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(|s| s.trim().to_string());
+                    if let Some(data) = field("data:") {
+                        let data = serde_json::from_str(&data).expect("event data is JSON");
+                        events.push(SseEvent { id: field("id:").unwrap_or_default(), event: field("event:").unwrap_or_else(|| "message".into()), data });
+                    }
+                }
+                if events.len() >= want {
+                    break;
+                }
+                let Some(frame) = self.body.frame().await else { break };
+                if let Ok(data) = frame.expect("event stream frame").into_data() {
+                    self.buffer.push_str(&String::from_utf8_lossy(&data));
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read).await.expect("event stream stalled");
+        events
+    }
+
+    /// The next `want` events as (id, data).
+    pub async fn next(&mut self, want: usize) -> Vec<(String, Value)> {
+        self.events(want).await.into_iter().map(|e| (e.id, e.data)).collect()
+    }
+}
+
 /// Check that the file lines among `records` (log records from the API) are `line-0..n`
 /// exactly once each, in order of their sequence numbers.
 pub fn assert_lines_exactly_once(records: &[Value], n: u64) {

@@ -48,7 +48,7 @@ use axum::routing::MethodFilter;
 use axum::{Form, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -219,6 +219,16 @@ pub(crate) fn org_in_scope(hub: &Hub, principal: &Principal, org: &str, perm: Pe
     Ok(())
 }
 
+/// The orgs the caller can read: all of them, or `only` (404 when it cannot see it).
+pub(crate) fn visible_orgs(hub: &Hub, principal: &Principal, only: Option<&str>) -> ApiResult<Vec<store::Org>> {
+    if let Some(org) = only {
+        authorize(principal, org, Perm::Read, &format!("org {org}"))?;
+        let org = hub.store.org(org)?.ok_or_else(|| ApiError::not_found(&format!("org {org}")))?;
+        return Ok(vec![org]);
+    }
+    Ok(hub.store.orgs()?.into_iter().filter(|o| principal.access.knows(&o.id) && principal.check(&o.id, Perm::Read).is_ok()).collect())
+}
+
 /// Platform-wide actions: operators (and operator keys whose scopes grant `perm`) only.
 pub(crate) fn require_operator(principal: &Principal, perm: Perm) -> ApiResult<()> {
     if principal.access.everywhere.has(perm) {
@@ -275,6 +285,53 @@ pub struct AgentView {
     pub cert_expires_at: String,
     pub remote_addr: Option<String>,
     pub protocol_version: Option<u16>,
+    /// What the agent holds in its spool, not yet acknowledged by the hub, per stream class.
+    /// Null while the agent is offline, and for agents too old to report it.
+    pub spool: Option<SpoolBacklogView>,
+}
+
+/// An online agent's spool backlog, as it last reported it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, schemars::JsonSchema)]
+pub struct SpoolBacklogView {
+    /// When the hub received this report.
+    pub reported_at: String,
+    /// Unacknowledged records and bytes, summed over the classes.
+    pub records: u64,
+    pub bytes: u64,
+    /// Per class: `metrics`, `logs`, `events`, `health`.
+    pub streams: Vec<SpoolStreamView>,
+}
+
+/// The backlog of one stream class.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, schemars::JsonSchema)]
+pub struct SpoolStreamView {
+    pub class: String,
+    pub records: u64,
+    pub bytes: u64,
+    /// The class's byte cap on the agent: once full, its oldest logs and metrics are dropped.
+    pub cap_bytes: u64,
+    /// Records dropped because the cap was reached, since the agent's spool was created.
+    pub dropped_records: u64,
+}
+
+fn spool_view(reported_at_ms: i64, state: &gantry_shared::message::SpoolState) -> SpoolBacklogView {
+    let streams: Vec<SpoolStreamView> = state
+        .streams
+        .iter()
+        .map(|s| SpoolStreamView {
+            class: s.class.name().to_string(),
+            records: s.records,
+            bytes: s.bytes,
+            cap_bytes: s.cap_bytes,
+            dropped_records: s.dropped_records,
+        })
+        .collect();
+    SpoolBacklogView {
+        reported_at: rfc3339(reported_at_ms),
+        records: streams.iter().map(|s| s.records).sum(),
+        bytes: streams.iter().map(|s| s.bytes).sum(),
+        streams,
+    }
 }
 
 /// Merge the stored record with the live session figures, if any.
@@ -306,6 +363,7 @@ pub fn agent_view(hub: &Hub, agent: &Agent) -> AgentView {
         rtt_ms: live.as_ref().map(|l| (l.rtt_ms * 100.0).round() / 100.0).or(agent.rtt_ms),
         clock_skew_ms: live.as_ref().map(|l| l.clock_skew_ms).or(agent.clock_skew_ms),
         cert_expires_at: rfc3339(agent.cert_not_after_ms),
+        spool: live.as_ref().and_then(|l| l.spool.as_ref()).map(|(at, state)| spool_view(*at, state)),
         remote_addr: live.map(|l| l.remote_addr).or_else(|| agent.remote_addr.clone()),
         protocol_version: agent.protocol_version,
     }
@@ -356,6 +414,11 @@ pub fn routes() -> Routes {
         .get("/api/v1/orgs/{org}", get_org, Op::new("Get an org").tag("orgs"))
         .post("/api/v1/orgs/{org}/enrollment-tokens", create_token, Op::new("Mint an agent enrollment token").tag("agents").body::<CreateToken>().status(201))
         .get("/api/v1/orgs/{org}/agents", list_agents, Op::new("List an org's agents").tag("agents").list::<AgentView>("agents"))
+        .get(
+            "/api/v1/agents/stream",
+            agents_stream,
+            Op::new("Live status of the caller's agents (Server-Sent Events)").tag("agents").query::<FleetStreamQuery>().event_stream(),
+        )
         .get("/api/v1/agents/{id}", get_agent, Op::new("Get an agent").tag("agents").response::<AgentView>())
         .post("/api/v1/agents/{id}/revoke", revoke_agent, Op::new("Revoke an agent and close its session").tag("agents").response::<AgentView>())
         .get("/api/v1/agents/{id}/logs", agent_logs, Op::new("Query an agent's logs").tag("telemetry").query::<RecordQuery>())
@@ -785,6 +848,67 @@ async fn get_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): 
     Ok(Json(agent_view(&hub, &agent)))
 }
 
+/// Query of the live fleet stream.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct FleetStreamQuery {
+    /// Only this org's agents; default: every org the caller can read.
+    pub org: Option<String>,
+}
+
+/// How long the fleet stream waits after a change before it looks, so that a burst of
+/// connections (a hub restart brings every agent back at once) becomes one look.
+const FLEET_STREAM_COALESCE: Duration = Duration::from_millis(500);
+/// How often the fleet stream refreshes last-seen times and round trips when nothing
+/// came online or went offline.
+const FLEET_STREAM_REFRESH: Duration = Duration::from_secs(30);
+
+/// Live status of agents as Server-Sent Events: one `agent` event per agent first, then one
+/// whenever an agent comes online, goes offline or is revoked (at once), and refreshed
+/// last-seen times and round trips every 30 s. The dashboard's agents list follows it.
+async fn agents_stream(State(hub): State<Arc<Hub>>, principal: Principal, Query(query): Query<FleetStreamQuery>) -> ApiResult<Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let orgs: Vec<String> = visible_orgs(&hub, &principal, query.org.as_deref())?.into_iter().map(|o| o.id).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
+    tokio::spawn(async move {
+        // Per agent: (status, last seen bucket) as last sent.
+        let mut sent: HashMap<String, (String, i64)> = HashMap::new();
+        loop {
+            // Register for the next change before reading, so none is missed.
+            let changed = hub.registry.changes.notified();
+            for org in &orgs {
+                let Ok(agents) = hub.store.agents_of_org(org) else { return };
+                for agent in agents {
+                    let last_seen = hub.registry.info(&agent.id).map(|l| l.last_seen_ms).or(agent.last_seen_ms).unwrap_or(0);
+                    let bucket = last_seen / FLEET_STREAM_REFRESH.as_millis() as i64;
+                    let view = agent_view(&hub, &agent);
+                    let key = (view.status.clone(), bucket);
+                    if sent.get(&view.id) == Some(&key) {
+                        continue;
+                    }
+                    let data = json!({
+                        "id": view.id,
+                        "org": view.org,
+                        "status": view.status,
+                        "last_seen": view.last_seen,
+                        "rtt_ms": view.rtt_ms,
+                    });
+                    if tx.send(Event::default().event("agent").data(data.to_string())).await.is_err() {
+                        return;
+                    }
+                    sent.insert(view.id, key);
+                }
+            }
+            tokio::select! {
+                _ = changed => tokio::time::sleep(FLEET_STREAM_COALESCE).await,
+                _ = tokio::time::sleep(FLEET_STREAM_REFRESH) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, std::convert::Infallible>(e), rx)) });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(TAIL_KEEP_ALIVE)).into_response())
+}
+
 async fn revoke_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
     let before = find_agent(&hub, &principal, &id, Perm::Admin)?;
     let agent = hub.store.revoke_agent(&id, crate::wall_ms())?.ok_or_else(|| ApiError::not_found(&format!("agent {id}")))?;
@@ -793,6 +917,7 @@ async fn revoke_agent(State(hub): State<Arc<Hub>>, principal: Principal, Path(id
     }
     Metrics::inc(&hub.metrics.agents_revoked);
     hub.registry.close(&id, gantry_shared::message::ErrorCode::Revoked, "agent was revoked by an operator; re-enroll it");
+    hub.registry.changes.notify_waiters();
     tracing::info!(agent_id = %id, by = %principal.name, "agent revoked");
     Ok(Json(agent_view(&hub, &agent)))
 }

@@ -8,7 +8,7 @@
 //! audit) and the same permission checks as the JSON API; a refusal is a page with the
 //! API's status and message.
 
-use super::{agent_view, authorize, find_agent, org_in_scope, rfc3339, session_cookie_value, ApiError, ApiJson, ApiResult, Op, Routes};
+use super::{agent_view, authorize, find_agent, org_in_scope, rfc3339, session_cookie_value, visible_orgs, ApiError, ApiJson, ApiResult, Op, Routes};
 use crate::access::Perm;
 use crate::auth::{self, Principal};
 use crate::branding::{self, BrandingRequest};
@@ -111,15 +111,6 @@ fn org_param(org: &Option<String>) -> Option<String> {
 }
 
 /// Orgs the principal sees, narrowed to `only` (which must be one of them: 404 otherwise).
-fn visible_orgs(hub: &Hub, principal: &Principal, only: Option<&str>) -> ApiResult<Vec<store::Org>> {
-    if let Some(org) = only {
-        authorize(principal, org, Perm::Read, &format!("org {org}"))?;
-        let org = hub.store.org(org)?.ok_or_else(|| ApiError::not_found(&format!("org {org}")))?;
-        return Ok(vec![org]);
-    }
-    Ok(hub.store.orgs()?.into_iter().filter(|o| principal.access.knows(&o.id) && principal.check(&o.id, Perm::Read).is_ok()).collect())
-}
-
 fn status_of(hub: &Hub, agent: &Agent) -> &'static str {
     if agent.revoked_at_ms.is_some() {
         "revoked"
@@ -275,6 +266,7 @@ struct ListQuery {
     version: Option<String>,
     q: Option<String>,
     org: Option<String>,
+    page: Option<String>,
 }
 
 async fn agents(State(hub): State<Arc<Hub>>, headers: HeaderMap, Query(query): Query<ListQuery>) -> ApiResult<Response> {
@@ -295,6 +287,14 @@ fn agents_view(hub: &Hub, principal: &Principal, query: ListQuery) -> ApiResult<
     if filter.q.len() > 200 || filter.label.len() > 200 || filter.version.len() > 100 {
         return Err(ApiError::bad_request("filters are limited to 200 characters"));
     }
+    let page = match query.page.as_deref().map(str::trim) {
+        None | Some("") => 1,
+        Some(page) => page
+            .parse::<usize>()
+            .ok()
+            .filter(|p| (1..=1_000_000).contains(p))
+            .ok_or_else(|| ApiError::bad_request(format!("page {page:?} must be a number from 1")))?,
+    };
     let all_orgs = visible_orgs(hub, principal, None)?;
     let orgs = if filter.org.is_empty() { all_orgs.clone() } else { visible_orgs(hub, principal, Some(&filter.org))? };
     let mut view = fleet::AgentsListView {
@@ -314,6 +314,9 @@ fn agents_view(hub: &Hub, principal: &Principal, query: ListQuery) -> ApiResult<
         }
     }
     view.agents.sort_by(|a, b| (&a.org, &a.hostname, &a.id).cmp(&(&b.org, &b.hostname, &b.id)));
+    view.matched = view.agents.len();
+    view.page = page;
+    view.agents = view.agents.drain(..).skip((page - 1) * fleet::AGENTS_PER_PAGE).take(fleet::AGENTS_PER_PAGE).collect();
     view.versions = versions.into_iter().filter(|v| !v.is_empty()).collect();
     view.filter = filter;
     Ok(view)
@@ -418,6 +421,11 @@ pub(crate) fn agent_detail(hub: &Hub, principal: &Principal, id: &str, range: Op
         protocol_version: view.protocol_version,
         streams,
         spool_dropped,
+        spool_backlog: view.spool.as_ref().map(|spool| fleet::SpoolBacklog {
+            reported_at: spool.reported_at.clone(),
+            streams: spool.streams.iter().map(|s| (s.class.clone(), s.records, s.bytes, s.cap_bytes)).collect(),
+        }),
+        online: view.status == "online",
     };
     Ok(fleet::AgentDetailView {
         agent: item,

@@ -125,6 +125,13 @@ async fn a_suspended_org_keeps_its_data_and_agents_buffer_until_a_payment_restor
     .await;
     let during = api.all_records(&logs, "").await.len();
     assert_eq!(during, before, "a suspended org ingests nothing new: {written_while_suspended} lines were written meanwhile");
+    // The lines held back show as the agent's spool backlog (reported every few seconds).
+    let backlog = |agent: Value| agent["spool"]["streams"].as_array().and_then(|s| s.iter().find(|s| s["class"] == "logs").cloned());
+    let held = wait_for(Duration::from_secs(30), "the agent to report its log backlog", || async {
+        backlog(hub.agent(&id).await).filter(|logs| logs["records"].as_u64() >= Some(100))
+    })
+    .await;
+    assert!(held["bytes"].as_u64().unwrap() > 0 && held["cap_bytes"].as_u64().unwrap() > held["bytes"].as_u64().unwrap(), "{held}");
 
     // Payment: active again; every buffered line arrives, once.
     let s = gantry_hub::billing::plans::payment_succeeded(&hub.hub, "acme", gantry_hub::wall_ms()).unwrap();
@@ -136,6 +143,10 @@ async fn a_suspended_org_keeps_its_data_and_agents_buffer_until_a_payment_restor
     })
     .await;
     assert_lines_exactly_once(&records, written);
+    wait_for(Duration::from_secs(30), "the backlog to drain to nothing", || async {
+        backlog(hub.agent(&id).await).filter(|logs| logs["records"] == 0 && logs["bytes"] == 0)
+    })
+    .await;
     let (code, body) = api.post("/api/v1/orgs/acme/deployments", &deployment).await;
     assert_ne!(code, 402, "deploying works again: {body}");
     hub.stop().await;

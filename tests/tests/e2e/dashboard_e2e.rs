@@ -207,13 +207,12 @@ async fn an_operator_enrolls_an_agent_deploys_tails_logs_and_exports_usage() {
     std::fs::write(&log, "").unwrap();
     let config = agent_config_file(dir.path(), &state, &[&log], "[docker]\ninterval_secs = 1");
     let _agent_process = AgentProcess::start_with_config(&config, &state);
-    // The list is drawn by the server: each look is a fresh load of the page.
+    // The list follows the fleet live: the row turns online without reloading the page.
+    browser.wait_text("#agents-live", "Live", LIVE).await;
     browser
-        .wait_for(LIVE, "the agent online in the agents list", || async {
-            browser.goto(&format!("{base}/agents?org=acme")).await;
-            (browser.text(&status_cell).await.as_deref() == Some("online")).then_some(())
-        })
+        .wait_for(LIVE, "the agent online in the agents list, live", || async { (browser.text(&status_cell).await.as_deref() == Some("online")).then_some(()) })
         .await;
+    assert!(browser.text(&format!("main tr:has(a[title='{agent}'])")).await.unwrap().contains(" ms"), "the round trip filled in live");
     assert!(browser.text("main table").await.unwrap().contains("env=e2e"), "the token's labels are on the agent");
     browser.screenshot("agents").await;
 

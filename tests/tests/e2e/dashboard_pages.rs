@@ -125,9 +125,20 @@ async fn fleet_pages_show_each_role_what_it_may_see_and_do() {
     // log tail's stream; revoke only for admins.
     let (status, html) = page(&hub, &viewer, &format!("/agents/{online}")).await;
     assert_eq!(status, 200, "{html}");
-    for text in
-        ["Host metrics", "CPU", "Memory", "Disk used", "Network", "Round trip", "Clock skew", "Certificate expires", "Containers", "Health checks", "Events"]
-    {
+    for text in [
+        "Host metrics",
+        "CPU",
+        "Memory",
+        "Disk used",
+        "Network",
+        "Round trip",
+        "Clock skew",
+        "Certificate expires",
+        "Spool backlog",
+        "Containers",
+        "Health checks",
+        "Events",
+    ] {
         assert!(html.contains(text), "{text} on the detail page");
     }
     assert!(html.contains(&format!("data-src=\"/api/v1/agents/{online}/logs/stream\"")));

@@ -137,7 +137,7 @@ fn routes() -> Vec<Route> {
         route("GET", "/api/v1/orgs/{org}/invoices", Billing),
         route("GET", "/api/v1/billing/usage?org={org}", Billing),
     ];
-    for path in ["/api/v1/agents/{agent}/logs/stream", "/api/v1/deployments/{dep}/progress"] {
+    for path in ["/api/v1/agents/{agent}/logs/stream", "/api/v1/deployments/{dep}/progress", "/api/v1/agents/stream?org={org}"] {
         routes.push(Route { method: "GET", path, body: None, needs: P::Read, stream: true });
     }
     // Support actions need the agent online (it is not here): only refusals are tried.

@@ -91,6 +91,56 @@ async fn revoked_agent_is_disconnected_and_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_stream_follows_agents_online_offline_and_revoked_within_the_callers_orgs() {
+    let dir = TempDir::new("fleet-stream");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 5).await;
+    hub.create_org("globex", 5).await;
+    let state = dir.path().join("agent");
+    let id = enroll(&hub.token("acme", 1, "10m").await, &state).await.unwrap();
+    let other = enroll(&hub.token("globex", 1, "10m").await, &dir.path().join("globex-agent")).await.unwrap();
+    let operator = hub.api();
+    let (code, key) = operator.post("/api/v1/orgs/acme/api-keys", &serde_json::json!({ "name": "wall", "scopes": ["read"] })).await;
+    assert_eq!(code, 201, "{key}");
+    let reader = operator.with_bearer(key["key"].as_str().unwrap());
+
+    // An acme key sees acme's agent, nothing of globex, and may not ask for globex.
+    let mut stream = SseReader::open(&reader, "/api/v1/agents/stream", None).await;
+    let first = stream.events(1).await.remove(0);
+    assert_eq!((first.event.as_str(), first.data["id"].as_str(), first.data["status"].as_str()), ("agent", Some(id.as_str()), Some("offline")));
+    assert_eq!(reader.get("/api/v1/agents/stream?org=globex").await.0, 404);
+    // The operator sees both orgs.
+    let mut all = SseReader::open(&operator, "/api/v1/agents/stream", None).await;
+    let mut seen: Vec<String> = all.events(2).await.iter().map(|e| e.data["id"].as_str().unwrap().to_string()).collect();
+    seen.sort();
+    let mut expected = vec![id.clone(), other.clone()];
+    expected.sort();
+    assert_eq!(seen, expected);
+
+    // Online, offline and revoked arrive as they happen, without asking again.
+    // (A 30 s refresh may repeat the current status in between; nothing else may come.)
+    async fn next_status(stream: &mut SseReader, id: &str, current: &str, want: &str) -> serde_json::Value {
+        loop {
+            let event = stream.events(1).await.remove(0);
+            assert_eq!(event.data["id"].as_str(), Some(id), "{:?}", event.data);
+            match event.data["status"].as_str() {
+                Some(status) if status == want => return event.data,
+                Some(status) if status == current => continue,
+                other => panic!("status {other:?} between {current} and {want}"),
+            }
+        }
+    }
+    let agent = InProcessAgent::start(&state);
+    let online = next_status(&mut stream, &id, "offline", "online").await;
+    assert!(online["rtt_ms"].as_f64().is_some() && online["last_seen"].is_string(), "{online}");
+    let _ = agent.stop().await;
+    next_status(&mut stream, &id, "online", "offline").await;
+    assert_eq!(operator.post(&format!("/api/v1/agents/{id}/revoke"), &serde_json::json!({})).await.0, 200);
+    next_status(&mut stream, &id, "offline", "revoked").await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_is_renewed_over_the_live_connection() {
     let dir = TempDir::new("renew");
     let hub = TestHub::start(&dir.path().join("hub"), |c| c.agent_cert_lifetime_secs = 15).await;

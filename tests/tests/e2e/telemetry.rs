@@ -200,53 +200,6 @@ async fn host_metrics_and_agent_events_arrive() {
 }
 
 /// A Server-Sent Events connection, read incrementally.
-struct SseReader {
-    body: hyper::body::Incoming,
-    buffer: String,
-}
-
-impl SseReader {
-    async fn open(api: &Api, path: &str, last_event_id: Option<&str>) -> SseReader {
-        use http_body_util::Full;
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-        let mut request = hyper::Request::get(format!("{}{path}", api.base)).header("authorization", format!("Bearer {}", api.bearer.clone().unwrap()));
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id);
-        }
-        let response = client.request(request.body(Full::new(bytes::Bytes::new())).unwrap()).await.unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.headers()["content-type"], "text/event-stream");
-        SseReader { body: response.into_body(), buffer: String::new() }
-    }
-
-    /// The next `want` data events as (id, JSON).
-    async fn next(&mut self, want: usize) -> Vec<(String, serde_json::Value)> {
-        use http_body_util::BodyExt;
-        let mut events = Vec::new();
-        let read = async {
-            while events.len() < want {
-                while let Some(end) = self.buffer.find("\n\n") {
-                    let block: String = self.buffer.drain(..end + 2).collect();
-                    let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_string());
-                    let data = block.lines().find_map(|l| l.strip_prefix("data:")).map(|s| s.trim().to_string());
-                    if let (Some(id), Some(data)) = (id, data) {
-                        events.push((id, serde_json::from_str(&data).unwrap()));
-                    }
-                }
-                if events.len() >= want {
-                    break;
-                }
-                let Some(frame) = self.body.frame().await else { break };
-                if let Ok(data) = frame.unwrap().into_data() {
-                    self.buffer.push_str(&String::from_utf8_lossy(&data));
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), read).await.expect("live tail stalled");
-        events
-    }
-}
-
 fn numbers(events: &[(String, serde_json::Value)]) -> Vec<u64> {
     events.iter().map(|(_, e)| e["line"].as_str().unwrap()[5..].parse().unwrap()).collect()
 }
