@@ -236,9 +236,12 @@ async fn only_agents_speaking_version_2_are_told_the_trusted_cas() {
     assert_eq!(version, 1);
     assert!(!messages.iter().any(|m| matches!(m, HubMessage::TrustedCas(_))), "{messages:?}");
 
-    let (version, messages) = session_messages(&hub, &state, VersionRange::CURRENT).await;
-    assert_eq!(version, gantry_shared::TRUSTED_CAS_VERSION);
-    let trusted: Vec<&TrustedCas> = messages.iter().filter_map(|m| if let HubMessage::TrustedCas(t) = m { Some(t) } else { None }).collect();
-    assert_eq!(trusted, vec![&TrustedCas { ca_sha256: vec![ca] }], "{messages:?}");
+    // Version 2 and every later one get it.
+    for max in gantry_shared::TRUSTED_CAS_VERSION..=gantry_shared::PROTOCOL_VERSION_MAX {
+        let (version, messages) = session_messages(&hub, &state, VersionRange { min: 1, max }).await;
+        assert_eq!(version, max);
+        let trusted: Vec<&TrustedCas> = messages.iter().filter_map(|m| if let HubMessage::TrustedCas(t) = m { Some(t) } else { None }).collect();
+        assert_eq!(trusted, vec![&TrustedCas { ca_sha256: vec![ca.clone()] }], "version {max}: {messages:?}");
+    }
     hub.stop().await;
 }
