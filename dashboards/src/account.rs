@@ -125,11 +125,13 @@ fn totp_section(body: &mut String, view: &AccountView) {
             let _ = write!(
                 body,
                 "<p>Add this account to your authenticator app, then enter the code it shows. The secret is shown only now.</p>\
+<p>Scan this code with the app:</p>{qr}\
 <p>On a phone: <a href=\"{uri}\">open in the authenticator app</a>. Otherwise type the secret:</p>\
 <div class=\"command\"><code id=\"totp-secret\" tabindex=\"0\">{secret}</code><button type=\"button\" class=\"js-only hidden\" data-copy=\"totp-secret\">Copy</button></div>\
 <p class=\"muted\">Time-based, 6 digits, every 30 seconds (SHA-1).</p>",
                 uri = escape(&enrolment.otpauth_uri),
                 secret = escape(&enrolment.secret),
+                qr = layout::qr_svg(&enrolment.otpauth_uri, "QR code of the authenticator link").unwrap_or_default(),
             );
             confirm_form(body);
         }
@@ -209,6 +211,7 @@ mod tests {
             html.contains("JBSWY3DPEHPK3PXP") && html.contains("href=\"otpauth://totp/Gantry:ana%40example.com?secret=JBSWY3DPEHPK3PXP&amp;issuer=Gantry\"")
         );
         assert!(html.contains("action=\"/account/totp/confirm\"") && html.contains("<label for=\"totp-code\">"));
+        assert!(html.contains("<svg class=\"qr\"") && html.contains("aria-label=\"QR code of the authenticator link\""), "a QR code to scan");
         let pending = account_page(&shell(&brand), &AccountView { totp: TotpState::Pending, ..view() });
         assert!(!pending.contains("JBSWY3DPEHPK3PXP") && pending.contains("Start again") && pending.contains("status-pending\">pending"));
         let on = account_page(&shell(&brand), &AccountView { totp: TotpState::On, ..view() });

@@ -334,6 +334,37 @@ fn brand_mark(html: &mut String, brand: &Brand) {
     let _ = write!(html, "<span>{}</span></a>", escape(&brand.product_name));
 }
 
+/// `text` as a QR code (error correction level M, a quiet zone of 4 modules), drawn as one
+/// inline SVG path: dark modules on white, scaled by CSS, no style attributes (the Content
+/// Security Policy allows none). `None` when the text is too long for a QR code.
+pub fn qr_svg(text: &str, label: &str) -> Option<String> {
+    const QUIET: usize = 4;
+    let code = qrcode::QrCode::with_error_correction_level(text, qrcode::EcLevel::M).ok()?;
+    let width = code.width();
+    let colors = code.to_colors();
+    let size = width + 2 * QUIET;
+    let mut path = String::with_capacity(width * width * 4);
+    for (y, row) in colors.chunks(width).enumerate() {
+        let mut x = 0;
+        while x < width {
+            if row[x] == qrcode::Color::Dark {
+                // One horizontal run of dark modules per rectangle.
+                let start = x;
+                while x < width && row[x] == qrcode::Color::Dark {
+                    x += 1;
+                }
+                let _ = write!(path, "M{} {}h{}v1h-{}z", start + QUIET, y + QUIET, x - start, x - start);
+            } else {
+                x += 1;
+            }
+        }
+    }
+    Some(format!(
+        "<svg class=\"qr\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {size} {size}\" shape-rendering=\"crispEdges\" role=\"img\" aria-label=\"{}\"><rect width=\"{size}\" height=\"{size}\" fill=\"#fff\"/><path fill=\"#000\" d=\"{path}\"/></svg>",
+        escape(label)
+    ))
+}
+
 /// Percent-encode a query-string value.
 pub fn query_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -445,6 +476,19 @@ pub fn page_header(title: &str, actions: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn qr_codes_are_one_path_of_whole_modules_inside_a_quiet_zone() {
+        let svg = qr_svg("otpauth://totp/Gantry:a%40b.c?secret=JBSWY3DPEHPK3PXP&issuer=Gantry", "code <x>").unwrap();
+        assert!(svg.starts_with("<svg class=\"qr\"") && svg.ends_with("\"/></svg>"));
+        assert!(svg.contains("aria-label=\"code &lt;x&gt;\"") && !svg.contains("style"));
+        // Version 5 (37 modules) at level M for this length, plus 4 light modules each side.
+        assert!(svg.contains("viewBox=\"0 0 45 45\""), "{svg}");
+        // The top-left finder pattern: a run of 7 dark modules at the quiet zone's corner.
+        assert!(svg.contains("d=\"M4 4h7v1h-7z"), "{svg}");
+        assert_eq!(qr_svg(&"x".repeat(5000), "too long"), None);
+    }
+
     use super::*;
 
     fn shell<'a>(brand: &'a Brand, operator: bool, active: Nav) -> Shell<'a> {

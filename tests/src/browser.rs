@@ -54,6 +54,34 @@ pub fn available() -> bool {
     false
 }
 
+/// What a QR code drawn as inline SVG says, read the way a phone would: Chromium paints it
+/// (`--screenshot`, no WebDriver) and ZBar's `zbarimg` decodes the picture. Panics with what
+/// to install when either is missing.
+pub fn decode_qr(svg: &str, dir: &Path) -> String {
+    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: reading QR codes needs Debian's chromium (apt-get install chromium)");
+    let zbar = std::process::Command::new("sh").args(["-c", "command -v zbarimg"]).output().is_ok_and(|o| o.status.success());
+    assert!(zbar, "zbarimg is missing: reading QR codes needs Debian's zbar-tools (apt-get install zbar-tools; .ci/run does)");
+    let page = dir.join("qr.html");
+    let picture = dir.join("qr.png");
+    std::fs::write(
+        &page,
+        format!("<!doctype html><html><body bgcolor=\"#ffffff\">{}</body></html>", svg.replacen("<svg ", "<svg width=\"400\" height=\"400\" ", 1)),
+    )
+    .expect("write the QR page");
+    let profile = dir.join("qr-profile");
+    let output = std::process::Command::new(CHROMIUM)
+        .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=500,500"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", picture.display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("run chromium");
+    assert!(picture.exists(), "chromium made no screenshot: {}", String::from_utf8_lossy(&output.stderr));
+    let output = std::process::Command::new("zbarimg").args(["--raw", "-q"]).arg(&picture).output().expect("run zbarimg");
+    assert!(output.status.success(), "zbarimg found no QR code in {}: {}", picture.display(), String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim_end_matches('\n').to_string()
+}
+
 /// Where screenshots go: `target/screenshots/` of this workspace.
 pub fn screenshot_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");

@@ -124,6 +124,17 @@ async fn two_factor_login_is_set_up_from_the_account_page() {
     assert_eq!(started.status, 201, "{}", started.body);
     let secret = started.body.split("id=\"totp-secret\" tabindex=\"0\">").nth(1).and_then(|rest| rest.split('<').next()).unwrap().to_string();
     assert!(started.body.contains("href=\"otpauth://totp/"), "{}", started.body);
+    // The QR code carries exactly the link, as a phone's camera reads it.
+    let uri = started.body.split("<a href=\"otpauth://").nth(1).and_then(|rest| rest.split('"').next()).map(|rest| format!("otpauth://{rest}")).unwrap();
+    let svg = started
+        .body
+        .split("<svg class=\"qr\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</svg>").next())
+        .map(|rest| format!("<svg class=\"qr\"{rest}</svg>"))
+        .unwrap();
+    assert_eq!(gantry_tests::browser::decode_qr(&svg, dir.path()), uri.replace("&amp;", "&"));
+    assert!(uri.contains(&format!("secret={secret}")), "{uri}");
     assert!(started.body.contains("<label for=\"totp-code\">"));
     let pending = page(&hub, &browser, "/account").await;
     assert!(pending.body.contains("status-pending\">pending") && !pending.body.contains(&secret), "the secret is shown once");
