@@ -104,6 +104,7 @@ pub enum ActionOutput {
 
 /// A container's state as Docker reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct ContainerStatus {
     pub id: String,
     pub name: String,

@@ -8,6 +8,7 @@
 //! audit) and the same permission checks as the JSON API; a refusal is a page with the
 //! API's status and message.
 
+use super::pages_admin::Page;
 use super::{agent_view, authorize, find_agent, org_in_scope, rfc3339, session_cookie_value, visible_orgs, ApiError, ApiJson, ApiResult, Op, Routes};
 use crate::access::Perm;
 use crate::auth::{self, Principal};
@@ -23,7 +24,7 @@ use axum::routing::MethodFilter;
 use axum::{Form, Json};
 use gantry_dashboards::chart::{Chart, Series, Unit};
 use gantry_dashboards::fleet::{self, AgentFilter, AgentItem};
-use gantry_dashboards::layout::{self, Brand, Nav, Shell};
+use gantry_dashboards::layout::{self, Nav};
 use gantry_shared::message::StreamClass;
 use gantry_shared::telemetry::RecordBody;
 use serde::Deserialize;
@@ -62,38 +63,6 @@ pub(crate) fn session_principal(hub: &Hub, headers: &HeaderMap) -> ApiResult<Opt
     match session_cookie_value(hub, headers) {
         Some(value) => Ok(auth::principal_from_session(hub, &value)?),
         None => Ok(None),
-    }
-}
-
-/// Everything a page needs to draw its shell.
-struct Viewer {
-    principal: Principal,
-    brand: Brand,
-    org: Option<String>,
-}
-
-impl Viewer {
-    fn new(hub: &Hub, principal: Principal, org: Option<String>) -> ApiResult<Viewer> {
-        let brand = branding::brand_for(hub, &principal, org.as_deref())?;
-        Ok(Viewer { principal, brand, org })
-    }
-
-    fn shell<'a>(&'a self, active: Nav, flash: Option<&'a str>) -> Shell<'a> {
-        Shell {
-            user: &self.principal.name,
-            operator: self.principal.operator,
-            admin: super::pages_admin::administers(&self.principal, self.org.as_deref()),
-            org: self.org.as_deref(),
-            brand: &self.brand,
-            active,
-            flash,
-        }
-    }
-
-    /// An error as a page with the API error's status and message.
-    fn error(&self, active: Nav, error: ApiError) -> Response {
-        let html = gantry_dashboards::admin::error_page(&self.shell(active, None), error.status.as_u16(), &error.message);
-        (error.status, Html(html)).into_response()
     }
 }
 
@@ -146,10 +115,10 @@ struct OrgQuery {
 
 async fn overview(State(hub): State<Arc<Hub>>, headers: HeaderMap, Query(query): Query<OrgQuery>) -> ApiResult<Response> {
     let Some(principal) = session_principal(&hub, &headers)? else { return Ok(to_login()) };
-    let viewer = Viewer::new(&hub, principal, org_param(&query.org))?;
+    let viewer = Page::new(&hub, principal, org_param(&query.org), Nav::Overview);
     match overview_view(&hub, &viewer.principal, viewer.org.as_deref()) {
-        Ok(view) => Ok(html(fleet::overview_page(&viewer.shell(Nav::Overview, None), &view))),
-        Err(error) => Ok(viewer.error(Nav::Overview, error)),
+        Ok(view) => Ok(html(fleet::overview_page(&viewer.shell(None), &view))),
+        Err(error) => Ok(viewer.error(error)),
     }
 }
 
@@ -271,10 +240,10 @@ struct ListQuery {
 
 async fn agents(State(hub): State<Arc<Hub>>, headers: HeaderMap, Query(query): Query<ListQuery>) -> ApiResult<Response> {
     let Some(principal) = session_principal(&hub, &headers)? else { return Ok(to_login()) };
-    let viewer = Viewer::new(&hub, principal, org_param(&query.org))?;
+    let viewer = Page::new(&hub, principal, org_param(&query.org), Nav::Agents);
     match agents_view(&hub, &viewer.principal, query) {
-        Ok(view) => Ok(html(fleet::agents_page(&viewer.shell(Nav::Agents, None), &view))),
-        Err(error) => Ok(viewer.error(Nav::Agents, error)),
+        Ok(view) => Ok(html(fleet::agents_page(&viewer.shell(None), &view))),
+        Err(error) => Ok(viewer.error(error)),
     }
 }
 
@@ -334,15 +303,15 @@ struct DetailQuery {
 async fn agent(State(hub): State<Arc<Hub>>, headers: HeaderMap, Path(id): Path<String>, Query(query): Query<DetailQuery>) -> ApiResult<Response> {
     let Some(principal) = session_principal(&hub, &headers)? else { return Ok(to_login()) };
     let org = hub.store.agent(&id)?.filter(|a| principal.access.knows(&a.org)).map(|a| a.org);
-    let viewer = Viewer::new(&hub, principal, org)?;
+    let viewer = Page::new(&hub, principal, org, Nav::Agents);
     // Only fixed messages: nothing from the URL is echoed as a flash.
     let flash = match query.done.as_deref() {
         Some("revoked") => Some("Agent revoked. Its session was closed; it must be enrolled again to reconnect."),
         _ => None,
     };
     match agent_detail(&hub, &viewer.principal, &id, query.range.as_deref(), query.q.as_deref().unwrap_or("").trim()) {
-        Ok(view) => Ok(html(fleet::agent_page(&viewer.shell(Nav::Agents, flash), &view))),
-        Err(error) => Ok(viewer.error(Nav::Agents, error)),
+        Ok(view) => Ok(html(fleet::agent_page(&viewer.shell(flash), &view))),
+        Err(error) => Ok(viewer.error(error)),
     }
 }
 
@@ -515,10 +484,10 @@ fn containers(hub: &Hub, id: &str, now: i64) -> ApiResult<Vec<fleet::ContainerRo
 
 async fn revoke(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Path<String>) -> ApiResult<Response> {
     let org = hub.store.agent(&id)?.filter(|a| principal.access.knows(&a.org)).map(|a| a.org);
-    let viewer = Viewer::new(&hub, principal.clone(), org)?;
+    let viewer = Page::new(&hub, principal.clone(), org, Nav::Agents);
     match super::revoke_agent(State(hub.clone()), principal, Path(id.clone())).await {
         Ok(_) => Ok(Redirect::to(&format!("/agents/{}?done=revoked", layout::query_escape(&id))).into_response()),
-        Err(error) => Ok(viewer.error(Nav::Agents, error)),
+        Err(error) => Ok(viewer.error(error)),
     }
 }
 
@@ -526,10 +495,10 @@ async fn revoke(State(hub): State<Arc<Hub>>, principal: Principal, Path(id): Pat
 
 async fn enrollment(State(hub): State<Arc<Hub>>, headers: HeaderMap, Query(query): Query<OrgQuery>) -> ApiResult<Response> {
     let Some(principal) = session_principal(&hub, &headers)? else { return Ok(to_login()) };
-    let viewer = Viewer::new(&hub, principal, org_param(&query.org))?;
+    let viewer = Page::new(&hub, principal, org_param(&query.org), Nav::Enrollment);
     let view =
         fleet::EnrollmentView { orgs: admin_orgs(&hub, &viewer.principal)?, org: viewer.org.clone().unwrap_or_default(), ..fleet::EnrollmentView::default() };
-    Ok(html(fleet::enrollment_page(&viewer.shell(Nav::Enrollment, None), &view)))
+    Ok(html(fleet::enrollment_page(&viewer.shell(None), &view)))
 }
 
 /// Orgs where the principal may create enrollment tokens.
@@ -578,7 +547,7 @@ fn mint(hub: &Hub, principal: &Principal, org: &str, form: &TokenForm) -> ApiRes
 
 async fn create_token(State(hub): State<Arc<Hub>>, principal: Principal, Form(form): Form<TokenForm>) -> ApiResult<Response> {
     let org = form.org.trim().to_string();
-    let viewer = Viewer::new(&hub, principal, Some(org.clone()).filter(|o| !o.is_empty()))?;
+    let viewer = Page::new(&hub, principal, Some(org.clone()).filter(|o| !o.is_empty()), Nav::Enrollment);
     let mut view = fleet::EnrollmentView {
         orgs: admin_orgs(&hub, &viewer.principal)?,
         org: org.clone(),
@@ -605,7 +574,7 @@ async fn create_token(State(hub): State<Arc<Hub>>, principal: Principal, Form(fo
             error.status
         }
     };
-    let page = fleet::enrollment_page(&viewer.shell(Nav::Enrollment, None), &view);
+    let page = fleet::enrollment_page(&viewer.shell(None), &view);
     Ok((status, [(header::CACHE_CONTROL, "no-store")], Html(page)).into_response())
 }
 

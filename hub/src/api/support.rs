@@ -145,19 +145,12 @@ pub struct LogsQuery {
     pub tail: Option<u32>,
 }
 
-/// A container after an action.
+/// A container after an action: the agent, then the container as Docker reports it.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct ContainerView {
     pub agent: String,
-    pub id: String,
-    pub name: String,
-    /// `running`, `exited`, `created`, ..., or `removed`.
-    pub state: String,
-    pub started_at: String,
-    pub finished_at: String,
-    pub restart_count: i64,
-    /// What the action did, e.g. `restarted`.
-    pub message: String,
+    #[serde(flatten)]
+    pub container: gantry_shared::support::ContainerStatus,
 }
 
 /// One line of a container's output.
@@ -260,16 +253,7 @@ fn unexpected(agent: &str) -> ApiError {
 async fn container_action(hub: &Hub, principal: &Principal, id: &str, name: String, op: ContainerOp) -> ApiResult<Json<ContainerView>> {
     let agent = find_agent(hub, principal, id, Perm::Deploy)?;
     match run(hub, &agent, SupportAction::Container { container: name, op }, CONTAINER_WAIT).await? {
-        ActionOutput::Container(c) => Ok(Json(ContainerView {
-            agent: agent.id,
-            id: c.id,
-            name: c.name,
-            state: c.state,
-            started_at: c.started_at,
-            finished_at: c.finished_at,
-            restart_count: c.restart_count,
-            message: c.message,
-        })),
+        ActionOutput::Container(c) => Ok(Json(ContainerView { agent: agent.id, container: c })),
         _ => Err(unexpected(id)),
     }
 }
