@@ -313,8 +313,35 @@ fn invoices(orgs: u64, runs: u64) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // ledger
 
-/// One run: append `orgs` × `hours` entries to a fresh store in batches; `(seconds, sum)`.
-fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<(f64, i64)> {
+/// What one ledger run measured.
+struct LedgerRun {
+    secs: f64,
+    /// Sampled usage sum, the same in every run.
+    sum: i64,
+    /// Entries per second of each day's 24 hours, in order: shows whether appends slow down
+    /// as the ledger grows.
+    day_rates: Vec<f64>,
+    /// The store's size on disk at the end.
+    disk_bytes: u64,
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// One run: append `orgs` × `hours` entries to a fresh store in batches.
+fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<LedgerRun> {
     use gantry_hub::store::{EntryKind, LedgerEntry, Store};
     let dir = std::env::temp_dir().join(format!("gantry-bench-ledger-{}-{}", std::process::id(), rand::random::<u64>()));
     std::fs::create_dir_all(&dir)?;
@@ -322,8 +349,14 @@ fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<(f64, i64)> {
     let mut rng = Rng(0x1ED6E5);
     let mut pending = Vec::with_capacity(batch as usize);
     let started = Instant::now();
+    let mut day_started = started;
+    let mut day_rates = Vec::new();
     // Hour by hour, every org, as hour closes write them.
     for hour in 0..hours as i64 {
+        if hour > 0 && hour % 24 == 0 {
+            day_rates.push((orgs * 24) as f64 / day_started.elapsed().as_secs_f64());
+            day_started = Instant::now();
+        }
         for org in 0..orgs {
             pending.push(LedgerEntry {
                 seq: 0,
@@ -347,14 +380,18 @@ fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<(f64, i64)> {
         outcome.context("appending")?;
     }
     let secs = started.elapsed().as_secs_f64();
+    if hours % 24 == 0 {
+        day_rates.push((orgs * 24) as f64 / day_started.elapsed().as_secs_f64());
+    }
     ensure!(store.ledger_head()? == orgs * hours, "ledger holds {} entries, expected {}", store.ledger_head()?, orgs * hours);
     let mut sum = 0i64;
     for org in (0..orgs).step_by((orgs as usize / 10).max(1)) {
         sum += store.ledger_usage(&format!("org-{org:05}"), i64::MIN, i64::MAX)?.values().sum::<i64>();
     }
     drop(store);
+    let disk_bytes = dir_bytes(&dir);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((secs, sum))
+    Ok(LedgerRun { secs, sum, day_rates, disk_bytes })
 }
 
 fn ledger(orgs: u64, hours: u64, batch: u64, runs: u64) -> Result<()> {
@@ -362,9 +399,17 @@ fn ledger(orgs: u64, hours: u64, batch: u64, runs: u64) -> Result<()> {
     let mut rates = Vec::new();
     let mut checksum = None;
     for run in 1..=runs {
-        let (secs, sum) = ledger_run(orgs, hours, batch)?;
+        let LedgerRun { secs, sum, day_rates, disk_bytes } = ledger_run(orgs, hours, batch)?;
         let rate = entries as f64 / secs;
-        println!("run {run}: {entries} entries in {secs:.1} s = {rate:.0} entries/s (sampled usage sum {sum})");
+        println!(
+            "run {run}: {entries} entries in {secs:.1} s = {rate:.0} entries/s (sampled usage sum {sum}); store {:.2} GiB on disk, {:.0} bytes per entry",
+            disk_bytes as f64 / (1u64 << 30) as f64,
+            disk_bytes as f64 / entries as f64
+        );
+        if !day_rates.is_empty() {
+            let days: Vec<String> = day_rates.iter().map(|r| format!("{r:.0}")).collect();
+            println!("run {run}: entries/s per day of hours: {}", days.join(", "));
+        }
         match checksum {
             None => checksum = Some(sum),
             Some(first) => ensure!(first == sum, "run {run} sums to {sum}, run 1 to {first}"),
