@@ -131,6 +131,7 @@ async fn run(agents: usize, orgs: usize, runs: usize) -> Result<()> {
     let pages = [
         ("overview", "/".to_string()),
         ("agents", "/agents".to_string()),
+        ("agents page 10", "/agents?page=10".to_string()),
         ("agents filtered", "/agents?status=offline&label=env%3Dprod&q=host-00".to_string()),
         ("agent detail (1 h)", format!("/agents/{first_agent}")),
         ("agent detail (24 h)", format!("/agents/{first_agent}?range=24h")),
