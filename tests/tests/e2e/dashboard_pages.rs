@@ -7,51 +7,25 @@
 #![allow(clippy::unwrap_used)]
 
 use gantry_tests::*;
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// A browser-like request: cookie, and for posts a form body with the hub's own Origin
-/// (what a browser sends for a same-origin form).
+/// A browser-like request (cookie; posts as same-origin forms): status, headers, body.
 async fn browse(hub: &TestHub, cookie: Option<&str>, method: &str, path: &str, form: Option<&str>) -> (u16, hyper::HeaderMap, String) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let mut request = hyper::Request::builder().method(method).uri(format!("http://{}{path}", hub.http));
-    if let Some(cookie) = cookie {
-        request = request.header("cookie", cookie);
-    }
-    if form.is_some() {
-        request = request.header("content-type", "application/x-www-form-urlencoded").header("origin", format!("http://{}", hub.http));
-    }
-    let request = request.body(Full::new(bytes::Bytes::from(form.unwrap_or("").to_string()))).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request)).await.expect("request timed out").expect("request failed");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, headers, String::from_utf8_lossy(&body).into_owned())
+    let answer = web::browse(hub, cookie, method, path, form).await;
+    (answer.status, answer.headers, answer.body)
 }
 
 async fn page(hub: &TestHub, cookie: &str, path: &str) -> (u16, String) {
-    let (status, _, body) = browse(hub, Some(cookie), "GET", path, None).await;
-    (status, body)
-}
-
-/// Log in and return the session cookie.
-async fn login(hub: &TestHub, email: &str, password: &str) -> String {
-    let (status, body, cookie) = hub.api().anonymous().login(&json!({ "email": email, "password": password })).await;
-    assert_eq!(status, 200, "login {email}: {body}");
-    cookie.expect("session cookie")
+    let answer = web::page(hub, cookie, path).await;
+    (answer.status, answer.body)
 }
 
 /// A member of `org` with `role`, logged in: their session cookie.
 async fn member(hub: &TestHub, email: &str, org: &str, role: &str) -> String {
     let password = format!("password of {email} 42");
-    let (status, user) = hub.api().post("/api/v1/users", &json!({ "email": email, "password": password })).await;
-    assert_eq!(status, 201, "create user: {user}");
-    let id = user["id"].as_str().unwrap();
-    let body = serde_json::to_vec(&json!({ "role": role })).unwrap();
-    let (status, _, text) = hub.api().send("PUT", &format!("/api/v1/orgs/{org}/members/{id}"), Some("application/json"), body).await;
-    assert_eq!(status, 200, "add member: {text}");
-    login(hub, email, &password).await
+    web::add_member(hub, email, &password, org, role).await;
+    web::login(hub, email, &password).await
 }
 
 async fn put_json(api: &Api, path: &str, body: &Value) -> (u16, Value) {
@@ -78,7 +52,7 @@ async fn fleet_pages_show_each_role_what_it_may_see_and_do() {
     let _agent = AgentProcess::start(&online_dir);
     hub.wait_status(&online, "online", Duration::from_secs(20)).await;
 
-    let operator = login(&hub, ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let operator = web::login(&hub, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let admin = member(&hub, "admin@acme.example.com", "acme", "admin").await;
     let viewer = member(&hub, "viewer@acme.example.com", "acme", "viewer").await;
     let outsider = member(&hub, "owner@globex.example.com", "globex", "owner").await;
@@ -214,7 +188,7 @@ async fn org_brands_reach_their_members_pages_and_bad_brands_change_nothing() {
     .await;
     hub.create_org("acme", 10).await;
     hub.create_org("globex", 10).await;
-    let operator = login(&hub, ADMIN_EMAIL, ADMIN_PASSWORD).await;
+    let operator = web::login(&hub, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let owner = member(&hub, "owner@acme.example.com", "acme", "owner").await;
     let viewer = member(&hub, "viewer@acme.example.com", "acme", "viewer").await;
     let outsider = member(&hub, "owner@globex.example.com", "globex", "owner").await;
