@@ -139,7 +139,8 @@ pub struct HttpRequest {
 }
 
 /// Read one request (head and `Content-Length` body) from `stream`; `None` if the peer
-/// closes first.
+/// closes first, or opens with a TLS handshake (these endpoints speak plain HTTP; giving up
+/// at once lets a client that tries HTTPS first fall back without waiting).
 pub async fn read_http_request(stream: &mut tokio::net::TcpStream) -> Option<HttpRequest> {
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
@@ -150,6 +151,9 @@ pub async fn read_http_request(stream: &mut tokio::net::TcpStream) -> Option<Htt
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => return None,
             Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+        if data.first() == Some(&0x16) {
+            return None;
         }
     };
     let head = String::from_utf8_lossy(&data[..head_end]).into_owned();

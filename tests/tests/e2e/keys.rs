@@ -14,13 +14,13 @@ use gantry_tests::*;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const REGISTRY_PASSWORD: &str = "reg-pass-rotation-51c";
 const SECRET_VALUE: &str = "db-secret-rotation-8e2";
 
-/// Requests a test server received: head and body of each.
-type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+/// Requests a test server received.
+type Requests = Arc<Mutex<Vec<web::HttpRequest>>>;
 
 /// A tiny HTTP server that records each request's headers and body and answers `reply`.
 async fn recorder(reply: impl Fn(&str, bool) -> String + Send + Sync + 'static) -> (u16, Requests) {
@@ -32,32 +32,10 @@ async fn recorder(reply: impl Fn(&str, bool) -> String + Send + Sync + 'static) 
         while let Ok((mut stream, _)) = listener.accept().await {
             let (record, reply) = (record.clone(), reply.clone());
             tokio::spawn(async move {
-                let mut data = Vec::new();
-                let mut buf = [0u8; 4096];
-                let head_end = loop {
-                    if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => data.extend_from_slice(&buf[..n]),
-                    }
-                    if data.first() == Some(&0x16) {
-                        return; // A TLS handshake: this server speaks plain HTTP.
-                    }
-                };
-                let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-                let length: usize =
-                    head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
-                while data.len() < head_end + length {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => data.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-                let authorized = head.to_ascii_lowercase().contains("\r\nauthorization:");
-                record.lock().unwrap().push((head, data[head_end..head_end + length].to_vec()));
+                let Some(request) = web::read_http_request(&mut stream).await else { return };
+                let path = request.request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let authorized = request.headers.contains_key("authorization");
+                record.lock().unwrap().push(request);
                 let _ = stream.write_all(reply(&path, authorized).as_bytes()).await;
                 let _ = stream.shutdown().await;
             });
@@ -168,27 +146,22 @@ impl Fleet {
             let hooks = self.hooks.lock().unwrap().clone();
             let types: Vec<String> = hooks[hooks_before..]
                 .iter()
-                .filter_map(|(_, body)| serde_json::from_slice::<Value>(body).ok())
+                .filter_map(|request| serde_json::from_slice::<Value>(&request.body).ok())
                 .filter(|event| event["data"]["revision"] == rev)
                 .map(|event| event["type"].as_str().unwrap_or("").to_string())
                 .collect();
             (types.iter().any(|t| t == "deployment.failed") && types.iter().any(|t| t == "deployment.succeeded")).then_some(hooks)
         })
         .await;
-        for (head, body) in &hooks[hooks_before..] {
-            let header = head.lines().find_map(|l| l.to_ascii_lowercase().starts_with("gantry-signature:").then(|| l[17..].trim().to_string())).unwrap();
+        for request in &hooks[hooks_before..] {
+            let (header, body) = (request.headers["gantry-signature"].clone(), &request.body);
             let t: i64 = header.strip_prefix("t=").and_then(|r| r.split(',').next()).and_then(|t| t.parse().ok()).unwrap();
             assert_eq!(header, gantry_hub::webhooks::signature(self.hook_secret.as_bytes(), t, body), "{label}: a delivery's signature does not verify");
         }
     }
 
     fn registry_logins(&self) -> Vec<String> {
-        self.registry
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(head, _)| head.lines().find_map(|l| l.to_ascii_lowercase().starts_with("authorization:").then(|| l[14..].trim().to_string())))
-            .collect()
+        self.registry.lock().unwrap().iter().filter_map(|request| request.headers.get("authorization").cloned()).collect()
     }
 }
 
