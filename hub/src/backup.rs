@@ -23,7 +23,7 @@
 //! This module must not serve HTTP: `api/backup.rs` streams what [`write_backup`] writes,
 //! and `cli.rs` calls [`restore`] with the hub stopped.
 
-use crate::store::backup::{Importer, Snapshot};
+use crate::store::backup::Importer;
 use crate::Hub;
 use anyhow::{bail, Context};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
@@ -318,7 +318,7 @@ fn section_file(out: &mut dyn Write, path: &str, bytes: &[u8]) -> std::io::Resul
 pub fn write_backup(hub: &Hub, secret: &BackupSecret, out: impl Write) -> anyhow::Result<Written> {
     secret.validate().map_err(|e| anyhow::anyhow!(e))?;
     let started = std::time::Instant::now();
-    let Snapshot { trees, segments } = hub.store.snapshot().context("copying the store")?;
+    let snapshot = hub.store.snapshot().context("copying the store")?;
     let copied = started.elapsed();
     // Read after the snapshot, so every key version a copied value names is included.
     let files = key_material(hub)?;
@@ -332,10 +332,10 @@ pub fn write_backup(hub: &Hub, secret: &BackupSecret, out: impl Write) -> anyhow
         hub_version: env!("CARGO_PKG_VERSION").to_string(),
         ca_sha256: hub.pki.ca_fingerprint_hex(),
         secrets_key_versions: hub.secret_box.current_version(),
-        trees: trees.len() as u64,
-        records: trees.iter().map(|(_, entries)| entries.len() as u64).sum(),
-        segment_files: segments.len() as u64,
-        segment_bytes: segments.iter().map(|s| s.len).sum(),
+        trees: snapshot.trees.len() as u64,
+        records: snapshot.records(),
+        segment_files: snapshot.segments.len() as u64,
+        segment_bytes: snapshot.segments.iter().map(|s| s.len).sum(),
         files: files.iter().map(|(name, _)| name.clone()).collect(),
     };
     let mut sealer = Sealer::new(std::io::BufWriter::with_capacity(CHUNK + 64, out), secret)?;
@@ -343,23 +343,17 @@ pub fn write_backup(hub: &Hub, secret: &BackupSecret, out: impl Write) -> anyhow
     sealer.write_all(b"M")?;
     sealer.write_all(&(json.len() as u64).to_be_bytes())?;
     sealer.write_all(&json)?;
-    for (name, entries) in &trees {
+    for tree in &snapshot.trees {
         sealer.write_all(b"T")?;
-        sealer.write_all(&(name.len() as u32).to_be_bytes())?;
-        sealer.write_all(name)?;
-        sealer.write_all(&(entries.len() as u64).to_be_bytes())?;
-        for (key, value) in entries {
-            sealer.write_all(&(key.len() as u32).to_be_bytes())?;
-            sealer.write_all(key)?;
-            sealer.write_all(&(value.len() as u32).to_be_bytes())?;
-            sealer.write_all(value)?;
-        }
+        sealer.write_all(&(tree.name.len() as u32).to_be_bytes())?;
+        sealer.write_all(&tree.name)?;
+        sealer.write_all(&tree.records.to_be_bytes())?;
+        snapshot.copy_tree_to(tree, &mut sealer)?;
     }
-    drop(trees);
     for (name, bytes) in &contents {
         section_file(&mut sealer, name, bytes)?;
     }
-    for segment in &segments {
+    for segment in &snapshot.segments {
         sealer.write_all(b"F")?;
         sealer.write_all(&(segment.path.len() as u32).to_be_bytes())?;
         sealer.write_all(segment.path.as_bytes())?;
@@ -371,6 +365,7 @@ pub fn write_backup(hub: &Hub, secret: &BackupSecret, out: impl Write) -> anyhow
     tracing::info!(
         records = manifest.records,
         segment_bytes = manifest.segment_bytes,
+        writes_held_ms = snapshot.held.as_millis() as u64,
         snapshot_ms = copied.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "backup written"

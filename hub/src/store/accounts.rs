@@ -90,6 +90,7 @@ impl Store {
 
     /// Apply `change` to the user with `email` atomically; `Ok(None)` if there is none.
     pub fn update_user(&self, email: &str, mut change: impl FnMut(&mut User)) -> Result<Option<User>, Error> {
+        let _writing = self.writing();
         loop {
             let Some(raw) = self.users.get(email.as_bytes())? else { return Ok(None) };
             let mut user: User = decode("user", &raw)?;
@@ -109,6 +110,7 @@ impl Store {
     /// Delete every session of `user_id` but the one stored under `keep` (a session key,
     /// the SHA-256 of its cookie value); how many were deleted.
     pub fn delete_sessions_of_except(&self, user_id: &str, keep: Option<&str>) -> Result<usize, Error> {
+        let _writing = self.writing();
         let mut ended = 0;
         for entry in self.sessions.iter() {
             let (k, v) = entry?;
@@ -147,10 +149,12 @@ impl Store {
 
     /// Add or change a membership; refused if it would leave the org without an Owner.
     pub fn put_membership(&self, membership: &Membership) -> Result<(), Error> {
+        let _writing = self.writing();
         self.change_membership(&membership.org, &membership.user_id, Some(membership))
     }
 
     pub fn delete_membership(&self, org: &str, user_id: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         self.change_membership(org, user_id, None)
     }
 
@@ -158,6 +162,7 @@ impl Store {
     /// away the org's last Owner. Membership changes are serialised by a lock, so two admins
     /// demoting the last two owners at once cannot both succeed.
     fn change_membership(&self, org: &str, user_id: &str, new: Option<&Membership>) -> Result<(), Error> {
+        let _writing = self.writing();
         let _serial = self.accounts.changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.membership(org, user_id)?;
         let was_owner = old.as_ref().is_some_and(|m| m.role == Role::Owner);
@@ -190,6 +195,7 @@ impl Store {
     // ---- invitations ----
 
     pub fn create_invitation(&self, invitation: &Invitation) -> Result<(), Error> {
+        let _writing = self.writing();
         Store::insert_new(&self.accounts.invitations, &format!("invitation {}", invitation.id), invitation.id.as_bytes(), invitation)?;
         self.durable()
     }
@@ -204,6 +210,7 @@ impl Store {
     }
 
     pub fn revoke_invitation(&self, id: &str) -> Result<Option<Invitation>, Error> {
+        let _writing = self.writing();
         self.update_invitation(id, |i| {
             i.revoked = true;
             Ok(())
@@ -213,6 +220,7 @@ impl Store {
 
     /// Mark the invitation accepted by `user_id`, once: a second caller gets `Spend::Used`.
     pub fn spend_invitation(&self, id: &str, user_id: &str, now_ms: i64) -> Result<Result<Invitation, Spend>, Error> {
+        let _writing = self.writing();
         self.update_invitation(id, |i| {
             if i.revoked {
                 Err(Spend::Revoked)
@@ -229,6 +237,7 @@ impl Store {
     }
 
     fn update_invitation(&self, id: &str, mut change: impl FnMut(&mut Invitation) -> Result<(), Spend>) -> Result<Result<Invitation, Spend>, Error> {
+        let _writing = self.writing();
         let tree = &self.accounts.invitations;
         loop {
             let Some(raw) = tree.get(id.as_bytes())? else { return Ok(Err(Spend::Unknown)) };
@@ -251,6 +260,7 @@ impl Store {
 
     /// Mark API key `id` revoked, durably; `Ok(None)` if there is none.
     pub fn revoke_api_key(&self, id: &str) -> Result<Option<ApiKey>, Error> {
+        let _writing = self.writing();
         let key = self.update_api_key(id, |k| k.revoked = true)?;
         self.durable()?;
         Ok(key)
@@ -259,6 +269,7 @@ impl Store {
     /// Apply `change` to API key `id` atomically; `Ok(None)` if there is none. Not made
     /// durable at once: used for `last_used` as well, which may lag after a crash.
     pub fn update_api_key(&self, id: &str, mut change: impl FnMut(&mut ApiKey)) -> Result<Option<ApiKey>, Error> {
+        let _writing = self.writing();
         loop {
             let Some(raw) = self.api_keys.get(id.as_bytes())? else { return Ok(None) };
             let mut api_key: ApiKey = decode("api key", &raw)?;

@@ -181,6 +181,7 @@ impl Store {
     /// Fire `alert` unless an alert with its key is already open; returns the new alert,
     /// or `None` when one was open.
     pub fn fire_alert(&self, alert: &Alert) -> Result<Option<Alert>, Error> {
+        let _writing = self.writing();
         let trees = &self.alerts;
         let result = (&trees.alerts, &trees.open).transaction(|(alerts, open)| {
             let marker = key(&alert.org, &alert.key);
@@ -199,6 +200,7 @@ impl Store {
 
     /// Resolve the open alert with `dedup_key`, if any; returns it resolved.
     pub fn resolve_alert(&self, org: &str, dedup_key: &str, now_ms: i64) -> Result<Option<Alert>, Error> {
+        let _writing = self.writing();
         let trees = &self.alerts;
         let result = (&trees.alerts, &trees.open).transaction(|(alerts, open)| {
             let marker = key(org, dedup_key);
@@ -220,6 +222,7 @@ impl Store {
 
     /// Change an alert in place (acknowledge, mark notified). `None` if it does not exist.
     pub fn update_alert(&self, org: &str, id: &str, change: impl Fn(&mut Alert)) -> Result<Option<Alert>, Error> {
+        let _writing = self.writing();
         let k = key(org, id);
         let mut out = None;
         self.alerts.alerts.fetch_and_update(&k, |old| {
@@ -267,12 +270,14 @@ impl Store {
     }
 
     pub fn put_silence(&self, silence: &Silence) -> Result<(), Error> {
+        let _writing = self.writing();
         self.alerts.silences.insert(key(&silence.org, &silence.id), encode(silence))?;
         Ok(())
     }
 
     /// Delete a silence; false if there was none.
     pub fn delete_silence(&self, org: &str, id: &str) -> Result<bool, Error> {
+        let _writing = self.writing();
         Ok(self.alerts.silences.remove(key(org, id))?.is_some())
     }
 
@@ -287,6 +292,7 @@ impl Store {
     }
 
     pub fn set_alert_rules(&self, org: &str, rules: &AlertRules) -> Result<(), Error> {
+        let _writing = self.writing();
         self.alerts.rules.insert(org.as_bytes(), encode(rules))?;
         Ok(())
     }

@@ -44,11 +44,6 @@ pub(super) struct Trees {
 }
 
 impl Trees {
-    /// Hold appends still while the guard lives (a backup copies the log whole).
-    pub(super) fn hold_appends(&self) -> std::sync::MutexGuard<'_, Option<Head>> {
-        self.tail.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn open(db: &sled::Db) -> Result<Trees, Error> {
         Ok(Trees { entries: db.open_tree("audit")?, by_org: db.open_tree("audit_by_org")?, head: db.open_tree("audit_head")?, tail: Arc::default() })
     }
@@ -280,6 +275,7 @@ impl Store {
 
     /// Append an entry at the end of the chain and make it durable; returns it as stored.
     pub fn append_audit(&self, new: NewAuditEntry) -> Result<AuditEntry, Error> {
+        let _writing = self.writing();
         let entry = {
             let mut tail = self.audit.tail.lock().unwrap_or_else(|p| p.into_inner());
             let head = match tail.clone() {

@@ -43,6 +43,7 @@ impl Store {
 
     /// Replace the org's brand and logo (`None` removes the logo), durably and together.
     pub fn put_branding(&self, org: &str, brand: &StoredBrand, logo: Option<&[u8]>) -> Result<(), Error> {
+        let _writing = self.writing();
         let tree = self.db.open_tree(TREE)?;
         let value = encode(brand);
         tree.transaction(|tx| {
@@ -63,6 +64,7 @@ impl Store {
 
     /// Forget the org's brand: its pages show the hub's theme again.
     pub fn delete_branding(&self, org: &str) -> Result<bool, Error> {
+        let _writing = self.writing();
         let tree = self.db.open_tree(TREE)?;
         let existed = tree.remove(org.as_bytes())?.is_some();
         tree.remove(logo_key(org))?;

@@ -91,6 +91,7 @@ impl Store {
     /// of one org form one namespace, so an agent never gets two checks of one name).
     /// Returns the org's new check revision.
     pub fn put_check_config(&self, config: &CheckConfig) -> Result<u64, Error> {
+        let _writing = self.writing();
         let trees = &self.checks;
         let others = self.check_configs(&config.org)?;
         if let Some(other) = others.iter().find(|c| c.spec.name == config.spec.name && c.id != config.id) {
@@ -105,6 +106,7 @@ impl Store {
 
     /// Delete a check configuration; false if there was none. Bumps the org's revision.
     pub fn delete_check_config(&self, org: &str, id: &str) -> Result<Option<u64>, Error> {
+        let _writing = self.writing();
         let trees = &self.checks;
         let result = (&trees.configs, &trees.revisions).transaction(|(configs, revisions)| {
             if configs.remove(key(org, id))?.is_none() {
@@ -131,6 +133,7 @@ impl Store {
 
     /// Record an agent's latest state of one check.
     pub fn set_check_status(&self, agent: &str, status: &CheckStatus) -> Result<(), Error> {
+        let _writing = self.writing();
         self.checks.states.insert(key(agent, &status.name), encode(status))?;
         Ok(())
     }
@@ -147,6 +150,7 @@ impl Store {
 
     /// Forget an agent's states of checks it no longer runs.
     pub fn retain_check_statuses(&self, agent: &str, keep: &[&str]) -> Result<(), Error> {
+        let _writing = self.writing();
         for status in self.check_statuses(agent)? {
             if !keep.contains(&status.name.as_str()) {
                 self.checks.states.remove(key(agent, &status.name))?;

@@ -72,6 +72,7 @@ fn name_key(org: &str, name: &str) -> Vec<u8> {
 impl Store {
     /// Create a deployment with revision 1; its name must be free in the org.
     pub fn create_deployment(&self, deployment: &Deployment, first: &Revision) -> Result<(), Error> {
+        let _writing = self.writing();
         let result = (&self.deployments, &self.deployment_names, &self.deployment_revisions).transaction(|(deployments, names, revisions)| {
             let key = name_key(&deployment.org, &deployment.name);
             if names.get(&key)?.is_some() {
@@ -107,6 +108,7 @@ impl Store {
     /// Append revision `next` (which must be `deployment.revision + 1` as stored) and update
     /// the deployment, atomically; a concurrent change makes this fail with `Conflict`.
     pub fn add_revision(&self, id: &str, expected_revision: u64, next: &Revision, now_ms: i64) -> Result<Deployment, Error> {
+        let _writing = self.writing();
         let result = (&self.deployments, &self.deployment_revisions).transaction(|(deployments, revisions)| {
             let Some(raw) = deployments.get(id.as_bytes())? else {
                 return Err(ConflictableTransactionError::Abort(Error::NotFound(format!("deployment {id}"))));
@@ -154,6 +156,7 @@ impl Store {
     }
 
     pub fn set_deploy_status(&self, id: &str, agent: &str, status: &AgentDeployStatus) -> Result<(), Error> {
+        let _writing = self.writing();
         self.deployment_status.insert(name_key(id, agent), encode(status))?;
         self.durable()?;
         Ok(())
@@ -178,6 +181,7 @@ impl Store {
 
     /// Mark a deployment deleted and free its name.
     pub fn delete_deployment(&self, id: &str, now_ms: i64) -> Result<Option<Deployment>, Error> {
+        let _writing = self.writing();
         let result = (&self.deployments, &self.deployment_names).transaction(|(deployments, names)| {
             let Some(raw) = deployments.get(id.as_bytes())? else { return Ok(None) };
             let mut deployment: Deployment = decode("deployment", &raw).map_err(ConflictableTransactionError::Abort)?;
@@ -205,6 +209,7 @@ fn finish<T>(result: Result<T, TransactionError<Error>>) -> Result<T, Error> {
 impl Store {
     /// Write the rollout state of deployment `id`.
     pub fn put_rollout(&self, id: &str, rollout: &crate::orchestrator::Rollout) -> Result<(), Error> {
+        let _writing = self.writing();
         self.rollouts.insert(id.as_bytes(), encode(rollout))?;
         self.durable()?;
         Ok(())
@@ -212,6 +217,7 @@ impl Store {
 
     /// Forget the rollout state of deployment `id`.
     pub fn delete_rollout(&self, id: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         self.rollouts.remove(id.as_bytes())?;
         self.durable()?;
         Ok(())

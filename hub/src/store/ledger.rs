@@ -249,12 +249,14 @@ impl Store {
     /// nothing; with another quantity it is refused with [`Error::Conflict`] naming the key
     /// and both quantities (and counted in [`Store::ledger_conflicts`]).
     pub fn record(&self, entry: &LedgerEntry) -> Result<Recorded, Error> {
+        let _writing = self.writing();
         self.record_many(std::slice::from_ref(entry)).pop().unwrap_or_else(|| Err(Error::Corrupt("ledger append returned nothing".into())))
     }
 
     /// [`Store::record`] for many entries in one transaction and one flush; one outcome per
     /// entry, in order (a conflict refuses only its own entry).
     pub fn record_many(&self, batch: &[LedgerEntry]) -> Vec<Result<Recorded, Error>> {
+        let _writing = self.writing();
         if batch.is_empty() {
             return Vec::new();
         }
@@ -295,6 +297,7 @@ impl Store {
     /// Keep a refused re-record for review (a new conflict, or one more attempt of a known
     /// one, which reopens it if it was resolved). Flushed before it returns.
     fn note_ledger_conflict(&self, entry: &LedgerEntry, recorded: i64) -> Result<(), Error> {
+        let _writing = self.writing();
         let key = entry.key_text();
         let now = crate::wall_ms();
         let db_key = conflict_key(&entry.org, &key);
@@ -337,6 +340,7 @@ impl Store {
 
     /// Mark a conflict resolved by `by` with a note; `None` if there is no such conflict.
     pub fn resolve_ledger_conflict(&self, org: &str, key: &str, by: &str, note: &str, now_ms: i64) -> Result<Option<LedgerConflict>, Error> {
+        let _writing = self.writing();
         let db_key = conflict_key(org, key);
         let Some(raw) = self.ledger.conflict_records.get(&db_key)? else {
             return Ok(None);
@@ -472,6 +476,7 @@ impl Store {
     /// Metering scratch: raise the value under `key` to at least `value` (atomically);
     /// returns the value now stored.
     pub fn ledger_work_max(&self, key: &str, value: i64) -> Result<i64, Error> {
+        let _writing = self.writing();
         let stored = self.ledger.work.update_and_fetch(key.as_bytes(), |old| {
             let old = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(i64::from_be_bytes);
             Some(old.map_or(value, |o| o.max(value)).to_be_bytes().to_vec())
@@ -481,6 +486,7 @@ impl Store {
 
     /// Metering scratch: set `key` to `value`, durably.
     pub fn set_ledger_work(&self, key: &str, value: i64) -> Result<(), Error> {
+        let _writing = self.writing();
         self.ledger.work.insert(key.as_bytes(), &value.to_be_bytes())?;
         self.durable()
     }
@@ -499,6 +505,7 @@ impl Store {
 
     /// Metering scratch: forget `key`.
     pub fn remove_ledger_work(&self, key: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         self.ledger.work.remove(key.as_bytes())?;
         Ok(())
     }

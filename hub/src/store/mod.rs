@@ -6,6 +6,11 @@
 //! changes (an enrollment spends a token use, counts against the org and creates the agent)
 //! run in one sled transaction, so they hold under concurrency and crashes.
 //!
+//! Every write path holds the store-wide write gate shared ([`Store::writing`]) for as long
+//! as it changes records, so [`Store::snapshot`] (`backup.rs`), holding it exclusively,
+//! sees no operation half-applied across trees. The telemetry writer is held by its own
+//! gate instead (`segments.rs`).
+//!
 //! This module must not know HTTP, QUIC or certificates: callers pass in plain records.
 
 use serde::de::DeserializeOwned;
@@ -235,10 +240,36 @@ impl Flusher {
     }
 }
 
+/// The store-wide write gate: write paths hold it shared, a snapshot exclusively.
+#[derive(Debug, Default)]
+struct WriteGate(std::sync::RwLock<()>);
+
+thread_local! {
+    /// How many [`Writing`] guards this thread holds. Only the outermost takes the gate:
+    /// std's `RwLock` makes new readers wait behind a waiting writer, so a write path that
+    /// took it again from inside another would deadlock against a snapshot.
+    static WRITING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Held by a write path while it changes records (see the module doc). Not `Send`: it
+/// never crosses an `.await`, so a snapshot never waits on a parked task.
+struct Writing<'a> {
+    _shared: Option<std::sync::RwLockReadGuard<'a, ()>>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        WRITING.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
 /// The hub's store, cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: sled::Db,
+    /// See [`WriteGate`]; the data directory, for a snapshot's spill file.
+    gate: std::sync::Arc<WriteGate>,
+    dir: std::path::PathBuf,
     flusher: std::sync::Arc<Flusher>,
     /// Metric-name index keys known to be written (see telemetry.rs), so ingest writes each
     /// once.
@@ -389,11 +420,29 @@ impl Store {
             registries: db.open_tree("registries")?,
             telemetry,
             db,
+            gate: std::sync::Arc::default(),
+            dir: dir.to_path_buf(),
             flusher,
             metric_names_written,
             telemetry_writer,
             segments,
         })
+    }
+
+    /// Hold the write gate shared until the guard drops (see the module doc). Every method
+    /// that changes records takes it first; nested calls on one thread share the outermost.
+    fn writing(&self) -> Writing<'_> {
+        let outermost = WRITING.with(|n| {
+            let held = n.get();
+            n.set(held + 1);
+            held == 0
+        });
+        Writing { _shared: outermost.then(|| self.gate.0.read().unwrap_or_else(|p| p.into_inner())) }
+    }
+
+    /// Hold every write path still until the guard drops (a snapshot).
+    fn hold_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.0.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Make every write made before this call durable. One flush runs at a time; a caller
@@ -428,6 +477,7 @@ impl Store {
 
     /// Write a small setting (e.g. the public address chosen at init).
     pub fn set_setting(&self, name: &str, value: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         self.meta.insert(format!("setting/{name}"), value.as_bytes())?;
         self.durable()?;
         Ok(())
@@ -458,6 +508,7 @@ impl Store {
     // ---- orgs ----
 
     pub fn create_org(&self, org: &Org) -> Result<(), Error> {
+        let _writing = self.writing();
         if self.org_tombstone(&org.id)?.is_some() {
             return Err(Error::AlreadyExists(format!("org {} (deleted: the id stays reserved for its kept ledger and audit records)", org.id)));
         }
@@ -477,6 +528,7 @@ impl Store {
     // ---- users and sessions ----
 
     pub fn create_user(&self, user: &User) -> Result<(), Error> {
+        let _writing = self.writing();
         Store::insert_new(&self.users, &format!("user {}", user.email), user.email.as_bytes(), user)?;
         self.durable()?;
         Ok(())
@@ -491,6 +543,7 @@ impl Store {
     }
 
     pub fn put_session(&self, key_sha256: &str, session: &Session) -> Result<(), Error> {
+        let _writing = self.writing();
         self.sessions.insert(key_sha256.as_bytes(), encode(session))?;
         Ok(())
     }
@@ -500,6 +553,7 @@ impl Store {
     }
 
     pub fn delete_session(&self, key_sha256: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         self.sessions.remove(key_sha256.as_bytes())?;
         Ok(())
     }
@@ -507,6 +561,7 @@ impl Store {
     // ---- API keys ----
 
     pub fn create_api_key(&self, key: &ApiKey) -> Result<(), Error> {
+        let _writing = self.writing();
         Store::insert_new(&self.api_keys, &format!("api key {}", key.id), key.id.as_bytes(), key)?;
         self.durable()?;
         Ok(())
@@ -519,6 +574,7 @@ impl Store {
     // ---- enrollment tokens ----
 
     pub fn create_token(&self, token: &Token) -> Result<(), Error> {
+        let _writing = self.writing();
         Store::insert_new(&self.tokens, &format!("token {}", token.id), token.id.as_bytes(), token)?;
         self.durable()?;
         Ok(())
@@ -532,6 +588,7 @@ impl Store {
     /// live at `now_ms` with a use left, the org must exist, not be suspended and be under
     /// its agent limit. The caller has already checked the token secret.
     pub fn enroll(&self, token_id: &str, now_ms: i64, agent: &Agent) -> Result<Result<Token, EnrollError>, Error> {
+        let _writing = self.writing();
         let result = (&self.tokens, &self.orgs, &self.agents, &self.agents_by_org).transaction(|(tokens, orgs, agents, by_org)| {
             let abort = |e: EnrollError| ConflictableTransactionError::Abort(Ok::<EnrollError, Error>(e));
             let corrupt = |e: Error| ConflictableTransactionError::Abort(Err::<EnrollError, Error>(e));
@@ -606,6 +663,7 @@ impl Store {
     /// Apply `change` to the agent record `id` atomically (retrying on concurrent writes);
     /// `Ok(None)` if there is no such agent.
     pub fn update_agent(&self, id: &str, mut change: impl FnMut(&mut Agent)) -> Result<Option<Agent>, Error> {
+        let _writing = self.writing();
         loop {
             let Some(raw) = self.agents.get(id.as_bytes())? else {
                 return Ok(None);
@@ -622,6 +680,7 @@ impl Store {
     /// Mark an agent revoked and release its slot in the org's agent limit. Returns the
     /// updated record, or `None` if unknown. Revoking twice changes nothing.
     pub fn revoke_agent(&self, id: &str, now_ms: i64) -> Result<Option<Agent>, Error> {
+        let _writing = self.writing();
         let result = (&self.agents, &self.orgs).transaction(|(agents, orgs)| {
             let corrupt = |e: Error| ConflictableTransactionError::Abort(e);
             let Some(raw) = agents.get(id.as_bytes())? else {
@@ -651,6 +710,7 @@ impl Store {
 
     /// At startup: no connection survived the previous process, so no agent is connected.
     pub fn mark_all_disconnected(&self, now_ms: i64) -> Result<usize, Error> {
+        let _writing = self.writing();
         let mut changed = 0;
         for agent in self.agents()? {
             if agent.connected {

@@ -123,6 +123,7 @@ impl Store {
 
     /// Record a deletion request (replacing an earlier one of the same org).
     pub fn put_deletion_request(&self, request: &DeletionRequest) -> Result<(), Error> {
+        let _writing = self.writing();
         self.named_tree("org_deletions")?.insert(request.org.as_bytes(), encode(request))?;
         self.durable()
     }
@@ -132,6 +133,7 @@ impl Store {
     /// `by`) in one durable transaction: from then on the deletion happens, if need be
     /// after a restart. A wrong code leaves the request in place; an expired one removes it.
     pub fn confirm_deletion(&self, org: &str, code_sha256: &str, by: &str, now_ms: i64) -> Result<Result<DeletionRequest, ConfirmError>, Error> {
+        let _writing = self.writing();
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         use sled::Transactional;
         let tree = self.named_tree("org_deletions")?;
@@ -215,6 +217,8 @@ impl Store {
     /// sessions and keys. Returns the records removed, by kind (what an interrupted earlier
     /// run removed is not counted again).
     pub fn erase_org(&self, org: &str, by: &str, now_ms: i64, after_step: &mut dyn FnMut(&str)) -> Result<BTreeMap<String, u64>, Error> {
+        // The write gate is held step by step, not across `after_step`, which may wait.
+        let mut writing = Some(self.writing());
         let tombstones = self.named_tree("org_tombstones")?;
         let mut tombstone = self.org_tombstone(org)?.unwrap_or(Tombstone {
             org: org.to_string(),
@@ -240,7 +244,9 @@ impl Store {
             self.tokens.remove(token.id.as_bytes())?;
         }
         count("enrollment_tokens", tokens.len() as u64);
+        drop(writing.take());
         step("org")?;
+        writing = Some(self.writing());
 
         let agents: Vec<String> = self
             .agents_by_org
@@ -256,7 +262,9 @@ impl Store {
             self.agents_by_org.remove(pair(org, agent))?;
         }
         count("agents", agents.len() as u64);
+        drop(writing.take());
         step("agents")?;
+        writing = Some(self.writing());
 
         let deployments = self.deployments_of_org_all(org)?;
         for deployment in &deployments {
@@ -268,11 +276,15 @@ impl Store {
         }
         remove_prefix(&self.deployment_names, &prefix(org))?;
         count("deployments", deployments.len() as u64);
+        drop(writing.take());
         step("deployments")?;
+        writing = Some(self.writing());
 
         count("secrets", remove_prefix(&self.secrets, &prefix(org))?);
         count("registry_logins", remove_prefix(&self.registries, &prefix(org))?);
+        drop(writing.take());
         step("secrets")?;
+        writing = Some(self.writing());
 
         let webhooks = self.webhooks_of(org)?;
         for webhook in &webhooks {
@@ -291,7 +303,9 @@ impl Store {
             }
         }
         count("webhook_events", remove_where_org(&self.named_tree("webhook_events")?, "webhook event", org)?.len() as u64);
+        drop(writing.take());
         step("webhooks")?;
+        writing = Some(self.writing());
 
         count("checks", remove_prefix(&self.named_tree("check_configs")?, &prefix(org))?);
         self.named_tree("check_revisions")?.remove(org.as_bytes())?;
@@ -299,17 +313,21 @@ impl Store {
         remove_prefix(&self.named_tree("alerts_open")?, &prefix(org))?;
         count("silences", remove_prefix(&self.named_tree("silences")?, &prefix(org))?);
         self.named_tree("alert_rules")?.remove(org.as_bytes())?;
+        drop(writing.take());
         step("alerts")?;
+        writing = Some(self.writing());
         count("settings", u64::from(self.named_tree("org_settings")?.remove(org.as_bytes())?.is_some()));
         // The brand and its logo (`org` and `org \0logo`, see branding.rs).
         let branding = self.named_tree("branding")?;
         let logo = pair(org, "logo");
         count("branding", u64::from(branding.remove(org.as_bytes())?.is_some()) + u64::from(branding.remove(logo)?.is_some()));
+        drop(writing.take());
         step("settings")?;
+        writing = Some(self.writing());
 
+        let members = self.members_of(org)?;
         // People who were only in this org lose their account, sessions and keys; this runs
         // before their memberships go, so an interrupted run still finds them when resumed.
-        let members = self.members_of(org)?;
         for member in &members {
             let Some(user) = self.user_by_id(&member.user_id)? else { continue };
             if user.operator || self.memberships_of(&user.id)?.iter().any(|m| m.org != org) {
@@ -324,7 +342,9 @@ impl Store {
             self.users.remove(user.email.as_bytes())?;
             count("users", 1);
         }
+        drop(writing.take());
         step("users")?;
+        writing = Some(self.writing());
         let (by_org, by_user) = (self.named_tree("memberships")?, self.named_tree("memberships_by_user")?);
         for member in &members {
             by_org.remove(pair(org, &member.user_id))?;
@@ -344,6 +364,7 @@ impl Store {
         }
         tombstone.finished_at_ms = Some(now_ms.max(tombstone.started_at_ms));
         tombstones.insert(org.as_bytes(), encode(&tombstone))?;
+        drop(writing);
         self.durable()?;
         Ok(tombstone.removed)
     }

@@ -24,6 +24,7 @@ impl Store {
 
     /// Replace the org's settings, durably.
     pub fn put_org_settings(&self, org: &str, settings: &OrgSettings) -> Result<(), Error> {
+        let _writing = self.writing();
         let tree = self.db.open_tree(TREE)?;
         tree.insert(org.as_bytes(), encode(settings))?;
         self.durable()?;

@@ -59,6 +59,7 @@ fn prefix(id: &str) -> Vec<u8> {
 impl Store {
     /// Store a new plan version; refused if that version exists (versions are immutable).
     pub fn create_plan_version(&self, plan: &Plan) -> Result<(), Error> {
+        let _writing = self.writing();
         Store::insert_new(&self.plans.plans, &format!("plan {} version {}", plan.id, plan.version), &plan_key(&plan.id, plan.version), plan)?;
         self.durable()
     }
@@ -81,6 +82,7 @@ impl Store {
 
     /// The newest version of every plan.
     pub fn plans(&self) -> Result<Vec<Plan>, Error> {
+        let _writing = self.writing();
         let mut latest: std::collections::BTreeMap<String, Plan> = std::collections::BTreeMap::new();
         for value in self.plans.plans.iter().values() {
             let plan: Plan = decode("plan", &value?)?;
@@ -101,6 +103,7 @@ impl Store {
     /// `change` gets `None` when there is none yet and returns the new value, or an error to
     /// leave things as they are.
     pub fn update_subscription(&self, org: &str, mut change: impl FnMut(Option<Subscription>) -> Result<Subscription, Error>) -> Result<Subscription, Error> {
+        let _writing = self.writing();
         let tree = &self.plans.subscriptions;
         loop {
             let raw = tree.get(org.as_bytes())?;
@@ -115,6 +118,7 @@ impl Store {
 
     /// Close an invoice for its period; a second close of the same period keeps the first.
     pub fn close_invoice(&self, invoice: &ClosedInvoice) -> Result<ClosedInvoice, Error> {
+        let _writing = self.writing();
         let key = invoice_key(&invoice.org, invoice.invoice.from_ms);
         match self.plans.invoices.compare_and_swap(&key, None as Option<&[u8]>, Some(encode(invoice)))? {
             Ok(()) => {
@@ -136,6 +140,7 @@ impl Store {
 
     /// Set an org's agent limit, retention and suspension from its plan and subscription.
     pub fn apply_entitlements(&self, org: &str, agent_limit: Option<u32>, retention_days: Option<u32>, suspended: bool) -> Result<(), Error> {
+        let _writing = self.writing();
         loop {
             let Some(raw) = self.orgs.get(org.as_bytes())? else { return Err(Error::NotFound(format!("org {org}"))) };
             let mut record: super::Org = decode("org", &raw)?;

@@ -61,6 +61,7 @@ impl Store {
     /// Replace `value`'s ciphertext with `sealed` if its record has not changed since it
     /// was read; `Ok(false)` when it has (read it again).
     pub fn replace_sealed(&self, value: &SealedValue, sealed: Vec<u8>) -> Result<bool, Error> {
+        let _writing = self.writing();
         let updated = match value.place {
             SealedPlace::Secret => {
                 let mut record: StoredSecret = decode("secret", &value.record)?;

@@ -38,6 +38,7 @@ fn prefix(org: &str) -> Vec<u8> {
 impl Store {
     /// Write (create or replace) a secret; returns whether it existed before.
     pub fn put_secret(&self, secret: &StoredSecret) -> Result<bool, Error> {
+        let _writing = self.writing();
         let old = self.secrets.insert(org_agent_key(&secret.org, &secret.name), encode(secret))?;
         self.durable()?;
         Ok(old.is_some())
@@ -54,6 +55,7 @@ impl Store {
 
     /// Delete a secret; returns whether it existed.
     pub fn delete_secret(&self, org: &str, name: &str) -> Result<bool, Error> {
+        let _writing = self.writing();
         let old = self.secrets.remove(org_agent_key(org, name))?;
         self.durable()?;
         Ok(old.is_some())
@@ -61,6 +63,7 @@ impl Store {
 
     /// Write (create or replace) a registry login; returns whether it existed before.
     pub fn put_registry(&self, registry: &StoredRegistry) -> Result<bool, Error> {
+        let _writing = self.writing();
         let old = self.registries.insert(org_agent_key(&registry.org, &registry.server), encode(registry))?;
         self.durable()?;
         Ok(old.is_some())
@@ -77,6 +80,7 @@ impl Store {
 
     /// Delete a registry login; returns whether it existed.
     pub fn delete_registry(&self, org: &str, server: &str) -> Result<bool, Error> {
+        let _writing = self.writing();
         let old = self.registries.remove(org_agent_key(org, server))?;
         self.durable()?;
         Ok(old.is_some())

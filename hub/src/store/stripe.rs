@@ -159,6 +159,7 @@ impl Store {
     /// still `expected` (another exporter moved it otherwise: [`Error::Conflict`]). A row
     /// whose identifier is already queued is left as it is.
     pub fn stripe_enqueue(&self, expected: u64, cursor: u64, rows: &[OutboxRow]) -> Result<(), Error> {
+        let _writing = self.writing();
         (&self.stripe.outbox, &self.stripe.open, &self.stripe.meta)
             .transaction(|(outbox, open, meta)| {
                 let current = match meta.get(CURSOR_KEY)? {
@@ -214,6 +215,7 @@ impl Store {
 
     /// Write a row's new state durably (before a request leaves, and after it answered).
     pub fn stripe_put_row(&self, row: &OutboxRow) -> Result<(), Error> {
+        let _writing = self.writing();
         (&self.stripe.outbox, &self.stripe.open)
             .transaction(|(outbox, open)| {
                 outbox.insert(row.identifier.as_bytes(), encode(row))?;
@@ -232,6 +234,7 @@ impl Store {
     /// `decide` gets the org's marks and answers whether the event applies and the new
     /// marks. A known event id answers [`Recorded::Duplicate`] and changes nothing.
     pub fn stripe_record_event(&self, event: &StripeEvent, decide: impl Fn(OrderMarks) -> (bool, OrderMarks, String)) -> Result<Recorded, Error> {
+        let _writing = self.writing();
         let recorded = (&self.stripe.events, &self.stripe.marks)
             .transaction(|(events, marks)| {
                 if let Some(raw) = events.get(event.id.as_bytes())? {
@@ -263,6 +266,7 @@ impl Store {
 
     /// The effect of a pending event is applied: later deliveries are duplicates.
     pub fn stripe_event_applied(&self, id: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         let Some(raw) = self.stripe.events.get(id.as_bytes())? else {
             return Ok(());
         };

@@ -597,6 +597,7 @@ impl Store {
     /// Delete an agent's telemetry chunks whose newest record is older than `before_ms`, in
     /// every class; returns how many records (log lines, events, metric points) went.
     pub fn prune_agent(&self, agent: &str, before_ms: i64) -> Result<u64, Error> {
+        let _writing = self.writing();
         let mut removed = 0;
         for tree in &self.telemetry {
             let upper = chunk_bound(agent, before_ms);
@@ -655,6 +656,7 @@ impl Store {
     /// Mark `usage` as taken into the ledger, unless more was stored for its hour since it
     /// was read (then it stays unsettled, with the new total). Returns whether it settled.
     pub fn settle_telemetry_usage(&self, usage: &StoredUsage) -> Result<bool, Error> {
+        let _writing = self.writing();
         let key = usage_key(DIRTY_PREFIX, usage.hour_ms, &usage.agent);
         let expected = usage_value(usage.records, usage.bytes);
         Ok(self.class_tree(usage.class).compare_and_swap(key, Some(&expected[..]), None as Option<&[u8]>)?.is_ok())
@@ -686,6 +688,7 @@ impl Store {
     /// how many records went. For deleting an org: the agent must be revoked and
     /// disconnected first, or a batch arriving later is stored again.
     pub fn erase_agent_telemetry(&self, agent: &str) -> Result<u64, Error> {
+        let _writing = self.writing();
         let mut removed = 0;
         for tree in &self.telemetry {
             let mut batch = sled::Batch::default();
@@ -780,21 +783,15 @@ fn decode_index(value: &[u8]) -> Result<(Location, u32, i64), Error> {
     Ok((Location { segment: u64_at(1), offset: u64_at(9), len: u32_at(17) }, u32_at(21), u64_at(25) as i64))
 }
 
-/// Locations of every chunk in copied trees (a backup's snapshot): the telemetry trees
-/// among them are read as [`all_locations`] reads the live ones.
-pub(super) fn locations_in(trees: &[super::backup::TreeCopy]) -> Vec<Location> {
+/// The segment a copied record of tree `tree` points into, if it is a telemetry chunk
+/// index entry (for a snapshot, which keeps only the segments its copy refers to).
+pub(super) fn segment_of(tree: &[u8], key: &[u8], value: &[u8]) -> Option<u64> {
     const NAMES: [&[u8]; 4] = [b"t_metrics", b"t_logs", b"t_events", b"t_health"];
-    let mut out = Vec::new();
-    for (_, entries) in trees.iter().filter(|(name, _)| NAMES.contains(&name.as_slice())) {
-        for (key, value) in entries {
-            if key.first().is_some_and(|b| *b >= 1) {
-                if let Ok((location, _, _)) = decode_index(value) {
-                    out.push(location);
-                }
-            }
-        }
+    // Chunk keys start with an agent id; marks and names start with a zero byte.
+    if !NAMES.contains(&tree) || key.first().is_none_or(|b| *b < 1) {
+        return None;
     }
-    out
+    decode_index(value).ok().map(|(location, _, _)| location.segment)
 }
 
 /// Locations of every chunk in `trees`, to count segment references at start.

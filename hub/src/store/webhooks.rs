@@ -208,6 +208,7 @@ fn put_delivery(deliveries: &TransactionalTree, log: &TransactionalTree, queue: 
 impl Store {
     /// Create an endpoint; its id must be new.
     pub fn create_webhook(&self, webhook: &Webhook) -> Result<(), Error> {
+        let _writing = self.writing();
         let key = org_agent_key(&webhook.org, &webhook.id);
         Store::insert_new(&self.webhooks.endpoints, &format!("webhook {}", webhook.id), &key, webhook)?;
         self.durable()
@@ -225,6 +226,7 @@ impl Store {
     /// Apply `change` to endpoint `id` of `org` atomically (retrying on concurrent writes);
     /// `Ok(None)` if there is no such endpoint.
     pub fn update_webhook(&self, org: &str, id: &str, mut change: impl FnMut(&mut Webhook)) -> Result<Option<Webhook>, Error> {
+        let _writing = self.writing();
         let key = org_agent_key(org, id);
         loop {
             let Some(raw) = self.webhooks.endpoints.get(&key)? else {
@@ -242,6 +244,7 @@ impl Store {
     /// Delete an endpoint with its deliveries (pending ones are dropped); returns whether it
     /// existed. Events stay until pruned, as other endpoints may share them.
     pub fn delete_webhook(&self, org: &str, id: &str) -> Result<bool, Error> {
+        let _writing = self.writing();
         let t = &self.webhooks;
         let log_keys: Vec<sled::IVec> = t.log.scan_prefix(prefix(&[org, id])).keys().collect::<Result<_, _>>()?;
         let result = (&t.endpoints, &t.deliveries, &t.log, &t.queue).transaction(|(endpoints, deliveries, log, queue)| {
@@ -268,6 +271,7 @@ impl Store {
     /// Store `event` (if given) and `deliveries` with their queue entries, in one
     /// transaction, durably.
     pub fn enqueue_webhook_deliveries(&self, event: Option<&WebhookEvent>, deliveries: &[WebhookDelivery]) -> Result<(), Error> {
+        let _writing = self.writing();
         let t = &self.webhooks;
         let result = (&t.events, &t.deliveries, &t.log, &t.queue).transaction(|(events, stored, log, queue)| {
             if let Some(event) = event {
@@ -342,6 +346,7 @@ impl Store {
     /// removing it once the delivery is done). Returns false, writing nothing, when the
     /// delivery is gone (its endpoint was deleted meanwhile).
     pub fn save_webhook_delivery(&self, delivery: &WebhookDelivery) -> Result<bool, Error> {
+        let _writing = self.writing();
         let t = &self.webhooks;
         let result = (&t.deliveries, &t.log, &t.queue).transaction(|(deliveries, log, queue)| {
             if deliveries.get(delivery.id.as_bytes())?.is_none() {
@@ -358,6 +363,7 @@ impl Store {
     /// Remove every queue entry of delivery `id` unless it is pending (entries of finished or
     /// deleted deliveries; none should exist, but one would otherwise be picked forever).
     pub fn unqueue_webhook_delivery(&self, id: &str) -> Result<(), Error> {
+        let _writing = self.writing();
         let t = &self.webhooks;
         let keys: Vec<sled::IVec> =
             t.queue.iter().keys().filter(|k| k.as_ref().map_or(true, |k| parse_queue_key(k).is_some_and(|(_, i)| i == id))).collect::<Result<_, _>>()?;
@@ -380,6 +386,7 @@ impl Store {
     /// Delete finished deliveries created before `cut_ms`, and events created before it
     /// that no pending delivery still needs. Returns how many records went.
     pub fn prune_webhook_deliveries(&self, cut_ms: i64) -> Result<usize, Error> {
+        let _writing = self.writing();
         let t = &self.webhooks;
         let mut pending_events = HashSet::new();
         for key in t.queue.iter().keys() {

@@ -1,7 +1,10 @@
 //! Backups end to end: `gantry-hub backup` (the real CLI) takes a backup of a hub that is
 //! serving and ingesting a real agent's logs over QUIC; `gantry-hub restore` puts it into a
 //! new directory; the restored hub serves every record that was acknowledged before the
-//! backup started, and the agent, with its existing certificate, comes online on it.
+//! backup started, and the agent, with its existing certificate, comes online on it. While
+//! the backup runs, API clients keep creating orgs, secrets and deployments and adding
+//! revisions: every one acknowledged before it started is restored, and what was written
+//! during it is restored whole or not at all (no deployment without its revisions).
 //! Restores refuse a non-empty directory, a wrong passphrase and a damaged file with a clear
 //! message and write nothing; scheduled backups keep the newest N and a failing one raises
 //! the `backup_failed` alert and shows in `/metrics`.
@@ -12,7 +15,9 @@ use gantry_tests::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const PASSPHRASE: &str = "backup passphrase for tests";
 
@@ -60,10 +65,103 @@ fn names(value: &Value, list: &str, field: &str) -> Vec<String> {
     out
 }
 
+/// One write of the load the backup runs under, and when its reply came.
+#[derive(Debug, Clone)]
+enum Write {
+    Org(String),
+    Secret(String),
+    /// Deployment id and the revision the reply named.
+    Revision(String, u64),
+}
+
+/// The spec of revision `revision` of the load's deployment `n` (its command names both,
+/// so a restored revision shows which write it came from).
+fn load_spec(n: usize, revision: u64) -> Value {
+    json!({ "name": format!("load-{n}"), "services": [{ "name": "app", "image": "busybox:1.36", "command": ["echo", format!("load-{n}-rev-{revision}")] }] })
+}
+
+/// Create orgs, set secrets, create deployments and add revisions to them (each touching
+/// several trees) until `stop`; every acknowledged write with the time of its reply.
+async fn write_load(api: Api, stop: Arc<AtomicBool>) -> Vec<(Instant, Write)> {
+    let mut acked = Vec::new();
+    let mut deployments: Vec<(String, u64)> = Vec::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::Acquire) {
+        n += 1;
+        let org = format!("load-{n}");
+        let (status, body) = api.post("/api/v1/orgs", &json!({ "id": org, "agent_limit": 1 })).await;
+        assert_eq!(status, 201, "create org {org}: {body}");
+        acked.push((Instant::now(), Write::Org(org)));
+        let name = format!("load-{n}");
+        put(&api, &format!("/api/v1/orgs/acme/secrets/{name}"), json!({ "value": format!("load-value-{n}") })).await;
+        acked.push((Instant::now(), Write::Secret(name)));
+        let (status, created) =
+            api.post("/api/v1/orgs/acme/deployments", &json!({ "spec": load_spec(n, 1), "targets": { "selector": { "role": "nowhere" } } })).await;
+        assert_eq!(status, 201, "create deployment: {created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        acked.push((Instant::now(), Write::Revision(id.clone(), 1)));
+        deployments.push((id, n as u64));
+        // A new revision of an earlier deployment: the deployment record and its revision
+        // record change together.
+        let (id, m) = deployments[n % deployments.len()].clone();
+        let (_, current) = api.get(&format!("/api/v1/deployments/{id}")).await;
+        let next = current["revision"].as_u64().unwrap() + 1;
+        let body = json!({ "spec": load_spec(m as usize, next), "targets": { "selector": { "role": "nowhere" } } });
+        let (status, _, reply) = api.send("PUT", &format!("/api/v1/deployments/{id}"), Some("application/json"), body.to_string().into_bytes()).await;
+        assert_eq!(status, 200, "new revision of {id}: {reply}");
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        acked.push((Instant::now(), Write::Revision(id, reply["revision"].as_u64().unwrap())));
+    }
+    acked
+}
+
+/// Check the restored hub against the load: everything acknowledged before `started` is
+/// there, and every restored deployment has all its revisions, each as it was written.
+async fn check_load(api: &Api, acked: &[(Instant, Write)], started: Instant) {
+    let (_, orgs) = api.get("/api/v1/orgs").await;
+    let orgs = names(&orgs, "orgs", "id");
+    let (_, secrets) = api.get("/api/v1/orgs/acme/secrets").await;
+    let secrets = names(&secrets, "secrets", "name");
+    for (at, write) in acked.iter().filter(|(at, _)| *at < started) {
+        match write {
+            Write::Org(id) => assert!(orgs.contains(id), "org {id} acknowledged {:?} before the backup is missing", started - *at),
+            Write::Secret(name) => assert!(secrets.contains(name), "secret {name} acknowledged before the backup is missing"),
+            Write::Revision(id, revision) => {
+                let (status, deployment) = api.get(&format!("/api/v1/deployments/{id}")).await;
+                assert_eq!(status, 200, "deployment {id} acknowledged before the backup is missing: {deployment}");
+                assert!(deployment["revision"].as_u64().unwrap() >= *revision, "revision {revision} of {id} acknowledged before the backup is missing");
+            }
+        }
+    }
+    let written: Vec<&String> = acked.iter().filter_map(|(_, w)| if let Write::Org(id) = w { Some(id) } else { None }).collect();
+    for id in orgs.iter().filter(|id| id.starts_with("load-")) {
+        assert!(written.contains(&id), "org {id} was never acknowledged");
+    }
+    let (_, deployments) = api.get("/api/v1/orgs/acme/deployments").await;
+    let deployments = deployments["deployments"].as_array().unwrap().clone();
+    assert!(!deployments.is_empty());
+    for deployment in deployments {
+        let id = deployment["id"].as_str().unwrap();
+        let n: usize = deployment["name"].as_str().unwrap().strip_prefix("load-").unwrap().parse().unwrap();
+        let revision = deployment["revision"].as_u64().unwrap();
+        let (_, revisions) = api.get(&format!("/api/v1/deployments/{id}/revisions")).await;
+        let revisions = revisions["revisions"].as_array().unwrap();
+        let numbers: Vec<u64> = revisions.iter().map(|r| r["revision"].as_u64().unwrap()).collect();
+        let mut sorted = numbers.clone();
+        sorted.sort();
+        assert_eq!(sorted, (1..=revision).collect::<Vec<_>>(), "deployment {id} at revision {revision} has revisions {numbers:?}");
+        for r in revisions {
+            let number = r["revision"].as_u64().unwrap();
+            assert_eq!(r["spec"]["services"][0]["command"][1], format!("load-{n}-rev-{number}"), "revision {number} of {id} is not the one written");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_load_restores_every_acknowledged_record_and_agents_reconnect() {
     let dir = TempDir::new("backup-load");
-    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    // The write load below goes as fast as the hub answers.
+    let hub = TestHub::start(&dir.path().join("hub"), |c| c.rate_limit.enabled = false).await;
     let api = hub.api();
     hub.create_org("acme", 10).await;
     let state = dir.path().join("agent");
@@ -83,9 +181,22 @@ async fn a_backup_under_load_restores_every_acknowledged_record_and_agents_recon
     let out = dir.path().join("hub.gbk");
     let pass = passphrase_file(dir.path(), PASSPHRASE);
     let url = format!("http://{}", hub.http);
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(write_load(hub.api(), stop_load.clone()));
+    wait_for(Duration::from_secs(30), "the write load under way", || async {
+        let (_, deployments) = api.get("/api/v1/orgs/acme/deployments").await;
+        (deployments["deployments"].as_array().is_some_and(|d| d.len() >= 3)).then_some(())
+    })
+    .await;
+    let started = Instant::now();
     let (code, stdout, stderr) = hub_cli(&["backup", "--out", out.to_str().unwrap(), "--passphrase-file", &pass, "--url", &url], &hub.operator_key).await;
+    let finished = Instant::now();
+    stop_load.store(true, Ordering::Release);
+    let load = load.await.unwrap();
     assert_eq!(code, 0, "backup failed: {stdout} {stderr}");
     assert!(stdout.contains("backup written to"), "{stdout}");
+    let during = load.iter().filter(|(at, _)| *at > started && *at < finished).count();
+    assert!(during > 0, "writes were acknowledged while the backup ran");
     let after = lines_by_seq(&api.all_records(&logs, "").await);
     assert!(after.len() > acknowledged.len(), "the agent kept streaming while the backup was taken");
     let original_agents = api.get("/api/v1/orgs/acme/agents").await.1;
@@ -116,17 +227,23 @@ async fn a_backup_under_load_restores_every_acknowledged_record_and_agents_recon
         assert_eq!(after.get(seq), Some(line), "record {seq} was never at the original hub");
     }
     assert_eq!(names(&rapi.get("/api/v1/orgs/acme/agents").await.1, "agents", "id"), names(&original_agents, "agents", "id"));
-    assert_eq!(names(&rapi.get("/api/v1/orgs/acme/secrets").await.1, "secrets", "name"), names(&original_secrets, "secrets", "name"));
+    check_load(&rapi, &load, started).await;
+    let restored_secrets = names(&rapi.get("/api/v1/orgs/acme/secrets").await.1, "secrets", "name");
+    assert!(restored_secrets.contains(&"db".to_string()), "{restored_secrets:?}");
+    for name in &restored_secrets {
+        assert!(names(&original_secrets, "secrets", "name").contains(name), "secret {name} was never at the original hub");
+    }
     assert_eq!(names(&rapi.get("/api/v1/orgs/acme/registries").await.1, "registries", "server"), names(&original_registries, "registries", "server"));
     // The sealed values open under the restored keys (the secrets key came with the backup).
     let (status, keys) = rapi.get("/api/v1/secrets-key").await;
     assert_eq!(status, 200, "{keys}");
-    assert_eq!(keys["values_by_version"]["1"], 2, "{keys}");
+    let sealed = restored_secrets.len() as u64 + 1;
+    assert_eq!(keys["values_by_version"]["1"], sealed, "{keys}");
     let (status, rotated) = rapi.post("/api/v1/secrets-key/rotate", &json!({ "reencrypt": true })).await;
     assert_eq!(status, 200, "{rotated}");
     assert_eq!(
         (rotated["reencrypted"]["resealed"].as_u64(), rotated["reencrypted"]["failed"].as_u64()),
-        (Some(2), Some(0)),
+        (Some(sealed), Some(0)),
         "every sealed value opens: {rotated}"
     );
     // The restore is in the restored hub's audit log.
