@@ -36,6 +36,29 @@ use tokio::task::JoinHandle;
 pub const ADMIN_PASSWORD: &str = "test password for gantry";
 pub const ADMIN_EMAIL: &str = "ops@example.com";
 
+/// Whether this is a CI run (`CI` is `true` or `1`): there a test never skips for a missing
+/// prerequisite, it fails saying what to install.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Decide what a test does without a prerequisite: `missing` is `None` when it is there
+/// (true: run). Otherwise, under CI ([`under_ci`]), panic with `missing`, which should say
+/// what to install; elsewhere say `SKIPPED` on stderr and return false (the test returns).
+pub fn prerequisite(missing: Option<String>) -> bool {
+    let Some(message) = missing else { return true };
+    assert!(!under_ci(), "{message} (CI=true: a missing prerequisite fails the test)");
+    eprintln!("SKIPPED: {message}");
+    false
+}
+
+/// Whether the Docker engine a test needs is reachable (and the test image built); false
+/// (the test returns) only outside CI, see [`prerequisite`].
+pub async fn docker_available() -> bool {
+    let missing = gantry_agent::collector::docker::testing::docker().await.is_none();
+    prerequisite(missing.then(|| "docker is not reachable: this test needs a running docker engine (e.g. `service docker start`)".to_string()))
+}
+
 /// Log to the test output when `GANTRY_LOG` is set.
 pub fn init_logging() {
     if let Ok(filter) = std::env::var("GANTRY_LOG") {

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use base64::Engine;
-use gantry_agent::collector::docker::testing::{cli, docker, IMAGE};
+use gantry_agent::collector::docker::testing::{cli, IMAGE};
 use gantry_tests::deploys::{containers_of, wait_deploy_state as wait_state};
 use gantry_tests::*;
 use serde_json::{json, Value};
@@ -186,7 +186,7 @@ async fn hub_cli(args: &[&str], key: &str) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_and_webhooks_keep_working_before_during_and_after_a_key_rotation() {
-    if docker().await.is_none() {
+    if !docker_available().await {
         return;
     }
     let dir = TempDir::new("keys-rotation");

@@ -9,7 +9,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use gantry_agent::collector::docker::testing::{cli, docker, unique, Container};
+use gantry_agent::collector::docker::testing::{cli, unique, Container};
 use gantry_tests::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ async fn audited(hub: &TestHub, action: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_actions_exec_and_diagnostics_on_a_real_agent() {
-    if docker().await.is_none() {
+    if !docker_available().await {
         return;
     }
     let dir = TempDir::new("support");
