@@ -798,3 +798,85 @@ pub async fn https_send(
     };
     tokio::time::timeout(Duration::from_secs(20), exchange).await.context("HTTPS request timed out")?
 }
+
+/// An agent session spoken by hand over QUIC: enrolled in an org, said hello, and then
+/// reads what the hub sends and answers only what the test tells it to; it can send log
+/// records with the timestamps a test chooses.
+#[derive(Debug)]
+pub struct SimulatedAgent {
+    pub id: String,
+    pub connection: quinn::Connection,
+    send: gantry_agent::wire::FramedSend,
+    recv: gantry_agent::wire::FramedRecv,
+}
+
+impl SimulatedAgent {
+    /// Enroll in `org` (state in `state_dir`), connect, say hello and wait until online.
+    pub async fn start(hub: &TestHub, org: &str, state_dir: &Path) -> SimulatedAgent {
+        use gantry_shared::message::{AgentMessage, Hello, VersionRange};
+        let state = gantry_agent::state::StateDir::new(state_dir.to_path_buf());
+        let id = enroll(&hub.token(org, 1, "10m").await, &state.dir).await.unwrap();
+        let (config, _) = gantry_agent::tls::client_config(hub.hub.pki.ca_sha256(), Some(state.load_credentials().unwrap())).unwrap();
+        let endpoint = gantry_agent::connection::client_endpoint(hub.quic).unwrap();
+        let connection = endpoint.connect_with(config, hub.quic, gantry_shared::HUB_SERVER_NAME).unwrap().await.expect("handshake");
+        let (send, recv) = connection.open_bi().await.unwrap();
+        let mut send = gantry_agent::wire::FramedSend::new(send, 1 << 20);
+        send.send(&AgentMessage::Hello(Hello { versions: VersionRange::CURRENT, facts: Default::default(), agent_clock_unix_ms: 0 })).await.unwrap();
+        hub.wait_status(&id, "online", Duration::from_secs(10)).await;
+        SimulatedAgent { id, connection, send, recv: gantry_agent::wire::FramedRecv::new(recv, 1 << 20) }
+    }
+
+    /// The next support action the hub sends (other messages are read past).
+    pub async fn next_action(&mut self) -> gantry_shared::support::ActionRequest {
+        use gantry_shared::message::HubMessage;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match self.recv.next::<HubMessage>().await.expect("read from the hub") {
+                    Some(HubMessage::Action(request)) => return *request,
+                    Some(_) => continue,
+                    None => panic!("the hub closed the control stream"),
+                }
+            }
+        })
+        .await
+        .expect("the hub sent the action")
+    }
+
+    /// Send the result of an action.
+    pub async fn answer(&mut self, reply: gantry_shared::support::ActionReply) {
+        self.send.send(&gantry_shared::message::AgentMessage::ActionResult(Box::new(reply))).await.unwrap();
+    }
+
+    /// Send file log lines `(timestamp ms, text)` as records 1, 2, 3, … of a new logs
+    /// stream and wait until the hub acknowledged them all.
+    pub async fn send_logs(&self, lines: &[(i64, String)]) {
+        use gantry_shared::message::StreamClass;
+        use gantry_shared::telemetry::{Batch, LogLine, LogStream, Record, RecordBody, StreamDown, StreamUp};
+        let (send, recv) = self.connection.open_bi().await.unwrap();
+        let mut send = gantry_agent::wire::FramedSend::new(send, 1 << 20);
+        let mut recv = gantry_agent::wire::FramedRecv::new(recv, 1 << 20);
+        send.send(&StreamUp::Open { class: StreamClass::Logs }).await.unwrap();
+        let records: Vec<Record> = lines
+            .iter()
+            .zip(1u64..)
+            .map(|((ts, line), seq)| Record {
+                seq,
+                ts_unix_ms: *ts,
+                body: RecordBody::Log(LogLine { source: "/var/log/app.log".into(), stream: LogStream::File, container: None, line: line.clone() }),
+            })
+            .collect();
+        let last = records.len() as u64;
+        send.send(&StreamUp::Batch(Batch { records })).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match recv.next::<StreamDown>().await.unwrap() {
+                    Some(StreamDown::Ack(ack)) if ack.up_to_seq >= last => return,
+                    Some(_) => continue,
+                    None => panic!("the hub closed the logs stream"),
+                }
+            }
+        })
+        .await
+        .expect("the hub acknowledged the records");
+    }
+}

@@ -5,7 +5,10 @@
 //! is refused to a role without the permission and in an org that has not enabled it;
 //! every call is in the audit log with its command and exit code; the diagnostics bundle
 //! carries the agent's version, facts and redacted configuration; and once the agent is
-//! gone every action fails at once with a clear reason.
+//! gone every action fails at once with a clear reason. Against a simulated agent session
+//! (the protocol spoken by hand, no Docker): an agent that drops mid-action gives 503
+//! `agent_disconnected`, one that never answers 504 `agent_timeout`, and its late answer is
+//! ignored while the session goes on serving.
 
 #![allow(clippy::unwrap_used)]
 
@@ -280,5 +283,81 @@ async fn container_actions_exec_and_diagnostics_on_a_real_agent() {
         assert!(error["error"]["message"].as_str().unwrap().contains("offline"), "{text}");
         assert!(began.elapsed() < Duration::from_secs(2), "{path} took {:?} to fail", began.elapsed());
     }
+    hub.stop().await;
+}
+
+/// A hub whose sessions outlive the exec waits below without heartbeats, org `acme` with
+/// exec enabled, and a simulated agent in it.
+async fn hub_with_fake_agent(dir: &TempDir) -> (TestHub, SimulatedAgent) {
+    let hub = TestHub::start(&dir.path().join("hub"), |config| {
+        config.rate_limit.enabled = false;
+        config.liveness_timeout_secs = 120;
+    })
+    .await;
+    hub.create_org("acme", 5).await;
+    let (status, body) = put(&hub.api(), "/api/v1/orgs/acme/settings", json!({ "exec_enabled": true })).await;
+    assert_eq!(status, 200, "{body}");
+    let agent = SimulatedAgent::start(&hub, "acme", &dir.path().join("simulated-agent")).await;
+    (hub, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_drops_mid_action_gives_503_agent_disconnected() {
+    let dir = TempDir::new("support-drop");
+    let (hub, mut agent) = hub_with_fake_agent(&dir).await;
+    let api = hub.api();
+    let path = format!("/api/v1/agents/{}/exec", agent.id);
+    let call = tokio::spawn(async move { api.post(&path, &json!({ "command": ["sleep", "5"], "timeout_secs": 60 })).await });
+    let request = agent.next_action().await;
+    assert!(matches!(request.action, gantry_shared::support::SupportAction::Exec(ref exec) if exec.argv == ["sleep", "5"]), "{request:?}");
+    // The agent goes away with the action in flight.
+    agent.connection.close(0u32.into(), b"gone");
+    let (status, body) = call.await.unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("agent_disconnected")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(&agent.id), "{body}");
+    let entries = audited(&hub, "POST /api/v1/agents/{id}/exec").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!((entries[0]["target"]["command"].as_str(), entries[0]["target"]["error"].as_str()), (Some("sleep 5"), Some("agent_disconnected")));
+    hub.wait_status(&agent.id, "offline", Duration::from_secs(20)).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_answer_in_time_gives_504_agent_timeout_and_its_late_answer_is_ignored() {
+    use gantry_shared::support::{ActionOutput, ActionReply, ExecOutput};
+    let dir = TempDir::new("support-timeout");
+    let (hub, mut agent) = hub_with_fake_agent(&dir).await;
+    let api = hub.api();
+    let path = format!("/api/v1/agents/{}/exec", agent.id);
+    // The hub waits the command's timeout (1 s) plus its margin for the answer.
+    let call = tokio::spawn(async move { api.post(&path, &json!({ "command": ["true"], "timeout_secs": 1 })).await });
+    let request = agent.next_action().await;
+    let (status, body) = call.await.unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (504, Some("agent_timeout")), "{body}");
+    let entries = audited(&hub, "POST /api/v1/agents/{id}/exec").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["target"]["error"].as_str(), Some("agent_timeout"));
+
+    // The answer arrives after the hub gave up: it is dropped, and the session goes on.
+    let late = ExecOutput {
+        exit_code: Some(0),
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        timed_out: false,
+        kill_failed: None,
+        duration_ms: 1,
+    };
+    agent.answer(ActionReply { id: request.id, result: Ok(ActionOutput::Exec(late)) }).await;
+    let api = hub.api();
+    let path = format!("/api/v1/agents/{}/diagnostics", agent.id);
+    let call = tokio::spawn(async move { api.post(&path, &json!({})).await });
+    let next = agent.next_action().await;
+    assert_ne!(next.id, request.id, "a new action gets a new id");
+    agent.answer(ActionReply { id: next.id, result: Ok(ActionOutput::Diagnostics(r#"{"fake":true}"#.into())) }).await;
+    let (status, bundle) = call.await.unwrap();
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(hub.agent(&agent.id).await["status"], "online");
     hub.stop().await;
 }
