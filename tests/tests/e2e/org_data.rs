@@ -7,8 +7,9 @@
 //! any file of the hub's data directory and none of its ids, names or addresses in any
 //! store tree but the kept ones (ledger, invoices, subscription, Stripe, audit, the
 //! tombstone), and leaves the other org as it was. Wrong confirmations change nothing.
-//! `gantry-hub org export` downloads the same archive. A deletion interrupted by SIGKILL
-//! is finished when the hub starts again.
+//! `gantry-hub org export` downloads the same archive. An export's `from`/`to` bound the
+//! telemetry to [from, to). A deletion interrupted by SIGKILL is finished when the hub
+//! starts again.
 
 #![allow(clippy::unwrap_used)]
 
@@ -688,4 +689,35 @@ async fn a_deletion_interrupted_by_sigkill_is_finished_when_the_hub_starts_again
     assert!(matches!(store.verify_audit().unwrap(), gantry_hub::store::AuditVerdict::Intact { .. }));
     drop(store);
     assert!(files_containing(&data, marker).is_empty(), "the log text is gone");
+}
+
+/// An export with `from` and `to` holds exactly the log records stamped in [from, to):
+/// records sent by a simulated agent one second apart, the bounds falling on records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_holds_only_the_telemetry_inside_its_time_range() {
+    let dir = TempDir::new("org-export-range");
+    let hub = TestHub::start(&dir.path().join("hub"), fast).await;
+    let api = hub.api();
+    hub.create_org("range-corp", 5).await;
+    let agent = SimulatedAgent::start(&hub, "range-corp", &dir.path().join("agent")).await;
+    let base = gantry_hub::wall_ms() - 600_000;
+    let sent: Vec<(i64, String)> = (0..10).map(|n| (base + n * 1_000, format!("RANGE-LINE-{n}"))).collect();
+    agent.send_logs(&sent).await;
+    let stored = api.all_records(&format!("/api/v1/agents/{}/logs", agent.id), "").await;
+    assert_eq!(stored.len(), sent.len(), "{stored:?}");
+
+    let (from, to) = (base + 3_000, base + 7_000);
+    let (code, archive) = export(&api, "range-corp", &format!("?from={from}&to={to}")).await;
+    assert_eq!(code, 200);
+    let files = untar(&archive);
+    let got: Vec<String> = lines(&files, "range-corp", "logs.jsonl").iter().map(|r| r["line"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got, ["RANGE-LINE-3", "RANGE-LINE-4", "RANGE-LINE-5", "RANGE-LINE-6"], "records from {from} (included) to {to} (excluded)");
+    for outside in [0, 1, 2, 7, 8, 9] {
+        assert!(!contains(&archive, &format!("RANGE-LINE-{outside}\"")), "record {outside} is outside the range but in the export");
+    }
+    // Without bounds, every record is there.
+    let (code, archive) = export(&api, "range-corp", "").await;
+    assert_eq!(code, 200);
+    assert_eq!(lines(&untar(&archive), "range-corp", "logs.jsonl").len(), sent.len());
+    hub.stop().await;
 }
