@@ -4,7 +4,8 @@
 //!
 //! Plain functions over the config, the store and the file system; the HTTP side is
 //! `api/install.rs`. Nothing here reveals a secret: a token's holder learns its org's
-//! requirements and the state of the agents that token enrolled, no more.
+//! requirements and the state of the agents that token enrolled, and an enrolled machine
+//! (by its agent's certificate) its org's requirements and its own agent's state, no more.
 
 use crate::store::{Agent, Token};
 use crate::Hub;
@@ -30,7 +31,8 @@ pub struct HostRequirements {
     pub min_cpus: u32,
     /// Total memory, in MiB.
     pub min_memory_mib: u64,
-    /// Free disk space where the agent keeps its state (`/var/lib`), in MiB.
+    /// Free disk space where the agent keeps its state (the file system of its state
+    /// directory, `/var/lib` by default), in MiB.
     pub min_disk_mib: u64,
 }
 
@@ -231,6 +233,21 @@ pub fn requirements(hub: &Hub, org: &str) -> Result<(Option<String>, HostRequire
     let plan = hub.store.plan_version(&subscription.plan_id, subscription.plan_version)?;
     let requirements = plan.as_ref().and_then(|p| p.limits.agent_host).unwrap_or(hub.config.installer.requirements);
     Ok((Some(subscription.plan_id), requirements))
+}
+
+// ---- enrolled machines ----
+
+/// The agent `id`, if `certificate_sha256` (hex) is the SHA-256 of the certificate (DER) the
+/// hub last saw it use; `None` for an unknown agent and for any other certificate alike.
+///
+/// This is how the installer on a machine that is already enrolled identifies itself
+/// without a token: the certificate lives in the agent's state directory, readable by root
+/// only, and after a renewal the file and the hub's record change together. It reads that
+/// one agent's status and its org's install facts; it enrolls and revokes nothing.
+pub fn authenticate_agent(hub: &Hub, id: &str, certificate_sha256: &str) -> Result<Option<Agent>, crate::store::Error> {
+    let Some(agent) = hub.store.agent(id)? else { return Ok(None) };
+    let presented = certificate_sha256.trim().to_ascii_lowercase();
+    Ok(bool::from(presented.as_bytes().ct_eq(agent.cert_sha256.as_bytes())).then_some(agent))
 }
 
 // ---- deregistration ----

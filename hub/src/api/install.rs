@@ -1,9 +1,12 @@
-//! The installer's routes, all public (the enrollment token is the credential where one is
-//! needed): the install script, the agent downloads, the preflight facts for a token, the
-//! status of an agent the token enrolled, and an agent's signed request to be revoked.
+//! The installer's routes, all public (the enrollment token, or on a machine already
+//! enrolled its agent's certificate, is the credential where one is needed): the install
+//! script, the agent downloads, the preflight facts for a token or an enrolled agent, the
+//! status of an agent the token enrolled (or of the agent itself), and an agent's signed
+//! request to be revoked.
 //!
-//! Tokens travel in request bodies or the `X-Gantry-Token` header, never in URLs, so they
-//! stay out of access logs. The logic lives in [`crate::install`]; this module maps it to
+//! Tokens and certificate fingerprints travel in request bodies or headers
+//! (`X-Gantry-Token`, `X-Gantry-Agent-Certificate`), never in URLs, so they stay out of
+//! access logs. The logic lives in [`crate::install`]; this module maps it to
 //! HTTP.
 
 use super::{agent_view, rfc3339, AgentView, ApiError, ApiJson, ApiResult, Op, Routes};
@@ -21,6 +24,8 @@ use std::sync::Arc;
 
 /// Header carrying an enrollment token on `GET` routes.
 pub const TOKEN_HEADER: &str = "x-gantry-token";
+/// Header carrying, instead of a token, the SHA-256 (hex) of the agent's own certificate.
+pub const AGENT_CERTIFICATE_HEADER: &str = "x-gantry-agent-certificate";
 
 /// The installer's routes.
 pub(crate) fn routes(routes: Routes) -> Routes {
@@ -46,7 +51,7 @@ pub(crate) fn routes(routes: Routes) -> Routes {
         .post(
             "/api/v1/install/check",
             check,
-            Op::new("What the installer needs to know for a token: host requirements of the org's plan, whether it can enroll, the hub's clock, the newest agent build")
+            Op::new("What the installer needs to know for a token (or an enrolled agent): host requirements of the org's plan, whether it can enroll, the hub's clock, the newest agent build")
                 .tag("install")
                 .public()
                 .body::<CheckRequest>()
@@ -56,7 +61,7 @@ pub(crate) fn routes(routes: Routes) -> Routes {
         .get(
             "/api/v1/install/agents/{id}",
             agent_status,
-            Op::new("Whether an agent enrolled with the token in `X-Gantry-Token` is online")
+            Op::new("Whether an agent enrolled with the token in `X-Gantry-Token` (or whose certificate's SHA-256 is in `X-Gantry-Agent-Certificate`) is online")
                 .tag("install")
                 .public()
                 .response::<InstalledAgent>()
@@ -136,12 +141,20 @@ fn file_chunks(file: tokio::fs::File) -> impl futures_util::Stream<Item = std::i
     })
 }
 
-/// Body of `POST /api/v1/install/check`.
+/// Body of `POST /api/v1/install/check`: a token, or an enrolled agent's id and
+/// certificate fingerprint (a re-run on a machine that is already enrolled).
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     /// The enrollment token (`gt1_...`).
-    pub token: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// An enrolled agent's id (with `certificate_sha256`, instead of a token).
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// SHA-256 (hex) of that agent's current certificate (DER).
+    #[serde(default)]
+    pub certificate_sha256: Option<String>,
 }
 
 /// What the installer learns for a token.
@@ -157,6 +170,8 @@ pub struct InstallCheck {
     pub enrollable: bool,
     /// Why not, when it cannot.
     pub refusal: Option<String>,
+    /// Asked for an enrolled agent: its status (`online`, `offline` or `revoked`).
+    pub agent_status: Option<String>,
     /// The hub's clock, Unix milliseconds (the installer's clock-skew check).
     pub hub_time_ms: i64,
     /// `HOST:PORT` agents dial (UDP, QUIC).
@@ -174,18 +189,31 @@ pub struct AgentDownload {
 }
 
 async fn check(State(hub): State<Arc<Hub>>, ApiJson(body): ApiJson<CheckRequest>) -> ApiResult<Json<InstallCheck>> {
-    let token = install::authenticate(&hub, &body.token).map_err(token_error)?;
-    let now = crate::wall_ms();
-    let refusal = install::enroll_refusal(&hub, &token, now)?;
-    let (plan, requirements) = install::requirements(&hub, &token.org)?;
+    let (org, refusal, agent_status) = match (body.token, body.agent_id, body.certificate_sha256) {
+        (Some(text), None, None) => {
+            let token = install::authenticate(&hub, &text).map_err(token_error)?;
+            let refusal = install::enroll_refusal(&hub, &token, crate::wall_ms())?;
+            (token.org, refusal, None)
+        }
+        (None, Some(id), Some(certificate)) => {
+            let agent = install::authenticate_agent(&hub, &id, &certificate)?.ok_or_else(|| {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_agent", format!("the hub knows no agent {id} with this certificate"))
+            })?;
+            let status = agent_view(&hub, &agent).status;
+            (agent.org, Some("an enrolled agent enrolls nothing; a new agent needs an enrollment token".to_string()), Some(status))
+        }
+        _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "send either a token, or agent_id and certificate_sha256")),
+    };
+    let (plan, requirements) = install::requirements(&hub, &org)?;
     let config = hub.config.installer.clone();
     let latest = tokio::task::spawn_blocking(move || install::latest(&config)).await.ok().flatten();
     Ok(Json(InstallCheck {
-        org: token.org,
+        org,
         plan,
         requirements,
         enrollable: refusal.is_none(),
         refusal,
+        agent_status,
         hub_time_ms: crate::wall_ms(),
         hub_addr: hub.public_addr.clone(),
         agent: latest.map(|(version, files)| AgentDownload { version, files }),
@@ -202,13 +230,23 @@ pub struct InstalledAgent {
 }
 
 async fn agent_status(State(hub): State<Arc<Hub>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<InstalledAgent>> {
-    let text = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(|| {
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "send the enrollment token that installed the agent in the X-Gantry-Token header")
-    })?;
-    let token = install::authenticate(&hub, text).map_err(token_error)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let what = format!("agent {id}");
-    // Only agents this token enrolled: to anyone else the agent does not exist.
-    let agent = hub.store.agent(&id)?.filter(|a| a.enrolled_with_token == token.id && a.org == token.org).ok_or_else(|| ApiError::not_found(&what))?;
+    // Only agents this token enrolled, or the agent itself: to anyone else the agent does
+    // not exist.
+    let agent = if let Some(certificate) = header(AGENT_CERTIFICATE_HEADER) {
+        install::authenticate_agent(&hub, &id, certificate)?.ok_or_else(|| ApiError::not_found(&what))?
+    } else {
+        let text = header(TOKEN_HEADER).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "send the enrollment token that installed the agent in the X-Gantry-Token header (or the agent's certificate SHA-256 in X-Gantry-Agent-Certificate)",
+            )
+        })?;
+        let token = install::authenticate(&hub, text).map_err(token_error)?;
+        hub.store.agent(&id)?.filter(|a| a.enrolled_with_token == token.id && a.org == token.org).ok_or_else(|| ApiError::not_found(&what))?
+    };
     let view = agent_view(&hub, &agent);
     Ok(Json(InstalledAgent { id: view.id, status: view.status, last_seen: view.last_seen }))
 }
