@@ -8,18 +8,24 @@
 # serves and verifies its SHA-256, installs it to /usr/local/bin, writes
 # /etc/gantry/agent.toml, enrolls, starts the agent under systemd and waits until the hub
 # shows it online. Running it again is safe: what is already in place is left alone, and
-# the binary is upgraded when the hub serves a different build.
+# the binary is upgraded when the hub serves a different build. On a machine that is
+# already enrolled no token is needed: the agent's certificate identifies it to the hub.
 #
 # Options:
-#   --token TOKEN      enrollment token from the operator (or env GANTRY_TOKEN)
-#   --label KEY=VALUE  a label for this agent, besides the token's own (repeatable)
+#   --token TOKEN      enrollment token from the operator (or env GANTRY_TOKEN); not
+#                      needed on a machine that is already enrolled
+#   --label KEY=VALUE  a label for this agent, besides the token's own (repeatable; labels
+#                      are set at enrollment, a re-run does not change them)
+#   --state-dir DIR    where the agent keeps its identity (default /var/lib/gantry-agent;
+#                      a re-run uses the state_dir of /etc/gantry/agent.toml)
 #   --dry-run          run the checks (including download and QUIC probe), change nothing
 #   --no-systemd       without systemd: run the agent as a background process
 #                      (pid file /run/gantry-agent.pid, log /var/log/gantry-agent.log)
 #   --timeout SECONDS  how long to wait for the agent to come online (default 60)
 #   --uninstall        stop the agent, remove its service and binary (keeps its identity)
 #   --purge            --uninstall, then revoke the agent at the hub and delete its
-#                      configuration and state
+#                      configuration and state (without the binary, a verified copy of
+#                      the hub's build signs the revocation and is deleted again)
 #   --help             show this help
 #
 # Exit codes:
@@ -41,7 +47,7 @@ BIN=/usr/local/bin/gantry-agent
 CONF_DIR=/etc/gantry
 CONF=$CONF_DIR/agent.toml
 VERSION_FILE=$CONF_DIR/agent.version
-STATE_DIR=/var/lib/gantry-agent
+DEFAULT_STATE_DIR=/var/lib/gantry-agent
 UNIT=/etc/systemd/system/gantry-agent.service
 PID_FILE=/run/gantry-agent.pid
 LOG_FILE=/var/log/gantry-agent.log
@@ -58,18 +64,24 @@ usage() {
 Gantry agent installer for $HUB_URL
 
   curl -fsSL $HUB_URL/install.sh | sudo sh -s -- --token TOKEN [options]
+  curl -fsSL $HUB_URL/install.sh | sudo sh -s -- [options]   (already enrolled: upgrade, repair)
   curl -fsSL $HUB_URL/install.sh | sudo sh -s -- --uninstall [--purge]
 
 Options:
-  --token TOKEN      enrollment token from the operator (or env GANTRY_TOKEN)
-  --label KEY=VALUE  a label for this agent, besides the token's own (repeatable)
+  --token TOKEN      enrollment token from the operator (or env GANTRY_TOKEN); not
+                     needed on a machine that is already enrolled
+  --label KEY=VALUE  a label for this agent, besides the token's own (repeatable; labels
+                     are set at enrollment, a re-run does not change them)
+  --state-dir DIR    where the agent keeps its identity (default $DEFAULT_STATE_DIR;
+                     a re-run uses the state_dir of $CONF)
   --dry-run          run the checks (including download and QUIC probe), change nothing
   --no-systemd       without systemd: run the agent as a background process
                      (pid file $PID_FILE, log $LOG_FILE)
   --timeout SECONDS  how long to wait for the agent to come online (default 60)
   --uninstall        stop the agent, remove its service and binary (keeps its identity)
   --purge            --uninstall, then revoke the agent at the hub and delete its
-                     configuration and state
+                     configuration and state (without the binary, a verified copy of
+                     the hub's build signs the revocation and is deleted again)
   --help             show this help
 
 Exit codes:
@@ -96,6 +108,7 @@ die() {
 
 TOKEN=${GANTRY_TOKEN:-}
 LABELS=''
+STATE_DIR_FLAG=''
 DRY_RUN=0
 NO_SYSTEMD=0
 UNINSTALL=0
@@ -123,6 +136,15 @@ parse_args() {
                 add_label "${1#--label=}"
                 shift
                 ;;
+            --state-dir)
+                [ $# -ge 2 ] || die $EXIT_USAGE "--state-dir needs a directory"
+                STATE_DIR_FLAG=$2
+                shift 2
+                ;;
+            --state-dir=*)
+                STATE_DIR_FLAG=${1#--state-dir=}
+                shift
+                ;;
             --dry-run) DRY_RUN=1; shift ;;
             --no-systemd) NO_SYSTEMD=1; shift ;;
             --uninstall) UNINSTALL=1; shift ;;
@@ -146,9 +168,37 @@ parse_args() {
     case $TIMEOUT in
         '' | *[!0-9]*) die $EXIT_USAGE "--timeout must be a whole number of seconds, not '$TIMEOUT'" ;;
     esac
-    if [ $UNINSTALL -eq 0 ] && [ -z "$TOKEN" ]; then
-        die $EXIT_USAGE "missing --token: ask the operator for an enrollment token (dashboard, Agents, or: gantry-hub token create --org ORG)"
+}
+
+# The state directory: --state-dir, else the one an existing configuration names, else the
+# default. The systemd unit lets the agent write there and nowhere else, so the script
+# and the agent must agree on it.
+resolve_state_dir() {
+    configured=''
+    has_config=0
+    if [ -f "$CONF" ]; then
+        has_config=1
+        configured=$(sed -n "s/^[[:space:]]*state_dir[[:space:]]*=[[:space:]]*[\"']\([^\"']*\)[\"'][[:space:]]*\(#.*\)\{0,1\}$/\1/p" "$CONF" | sed -n 1p)
     fi
+    if [ -n "$STATE_DIR_FLAG" ]; then
+        STATE_DIR_FLAG=${STATE_DIR_FLAG%/}
+        if [ -n "$configured" ] && [ "$configured" != "$STATE_DIR_FLAG" ]; then
+            die $EXIT_USAGE "--state-dir $STATE_DIR_FLAG differs from state_dir = \"$configured\" in $CONF; drop --state-dir, or run with --purge first to start over elsewhere"
+        fi
+        if [ $has_config -eq 1 ] && [ -z "$configured" ] && [ "$STATE_DIR_FLAG" != "$DEFAULT_STATE_DIR" ]; then
+            die $EXIT_USAGE "$CONF sets no state_dir, so the agent uses $DEFAULT_STATE_DIR; add state_dir = \"$STATE_DIR_FLAG\" to it, or drop --state-dir"
+        fi
+    fi
+    STATE_DIR=${STATE_DIR_FLAG:-${configured:-$DEFAULT_STATE_DIR}}
+    case $STATE_DIR in
+        /*/* | /[!/]*) ;;
+        *) die $EXIT_USAGE "state directory '$STATE_DIR' must be an absolute path below /" ;;
+    esac
+    case $STATE_DIR in
+        *[!A-Za-z0-9._/-]* | *//* | */../* | */.. | */./* | */.)
+            die $EXIT_USAGE "state directory '$STATE_DIR' must be a plain absolute path of letters, digits, '.', '_', '-' and '/'"
+            ;;
+    esac
 }
 
 add_label() {
@@ -179,6 +229,29 @@ json_num() { printf '%s' "$1" | sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9]*\).*/\1/
 json_true() { printf '%s' "$1" | grep -q "\"$2\":true"; }
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+enrolled() { [ -f "$STATE_DIR/identity.json" ]; }
+
+agent_id() { sed -n 's/.*"agent_id": *"\([^"]*\)".*/\1/p' "$STATE_DIR/identity.json" 2>/dev/null; }
+
+# SHA-256 of the agent's current certificate (DER): how an enrolled machine identifies
+# itself to the hub without a token. Read anew each time, as the agent renews it.
+agent_cert_sha256() {
+    awk '/-----BEGIN CERTIFICATE-----/ {p = 1; next} /-----END CERTIFICATE-----/ {exit} p' "$STATE_DIR/agent.crt" 2>/dev/null |
+        base64 -d 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+
+# The hub's install facts (POST /api/v1/install/check) into CHECK: for the agent of this
+# machine when it is enrolled, else for the token.
+hub_check() {
+    if enrolled; then
+        http POST /api/v1/install/check -H 'Content-Type: application/json' \
+            --data "{\"agent_id\":\"$(agent_id)\",\"certificate_sha256\":\"$(agent_cert_sha256)\"}"
+    else
+        http POST /api/v1/install/check -H 'Content-Type: application/json' --data "{\"token\":\"$TOKEN\"}"
+    fi
+    CHECK=$(cat "$WORK/http.out")
+}
 
 # HTTP to the hub: answers "STATUS BODY-FILE"; STATUS 000 when the hub was not reached.
 http() {
@@ -240,11 +313,11 @@ check_local() {
     esac
 
     missing=''
-    for tool in curl sha256sum uname df awk nohup; do
+    for tool in curl sha256sum base64 uname df awk nohup; do
         command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
     done
     if [ -z "$missing" ]; then
-        pass tools "curl, sha256sum, df, awk, nohup"
+        pass tools "curl, sha256sum, base64, df, awk, nohup"
     else
         fail tools "missing:$missing" "install them (Debian/Ubuntu: apt-get install -y curl coreutils)"
     fi
@@ -271,8 +344,7 @@ check_local() {
 }
 
 check_hub() {
-    http POST /api/v1/install/check -H 'Content-Type: application/json' --data "{\"token\":\"$TOKEN\"}"
-    CHECK=$(cat "$WORK/http.out")
+    hub_check
     case $http_status in
         200) ;;
         000)
@@ -280,7 +352,11 @@ check_hub() {
             return 1
             ;;
         400 | 401)
-            fail token "$(json_str "$CHECK" message)" "copy the whole token again, or ask the operator for a new one" $EXIT_REFUSED
+            if enrolled; then
+                fail agent "$(json_str "$CHECK" message)" "this machine's identity in $STATE_DIR is not the hub's: run the installer with --purge, then install again with a new token" $EXIT_REFUSED
+            else
+                fail token "$(json_str "$CHECK" message)" "copy the whole token again, or ask the operator for a new one" $EXIT_REFUSED
+            fi
             return 1
             ;;
         *)
@@ -293,8 +369,12 @@ check_hub() {
     HUB_ADDR=$(json_str "$CHECK" hub_addr)
     pass hub "$HUB_URL (org $ORG${PLAN:+, plan $PLAN})"
 
-    if [ -f "$STATE_DIR/identity.json" ]; then
-        pass token "valid; this machine is already enrolled as $(agent_id)"
+    if enrolled; then
+        if [ "$(json_str "$CHECK" agent_status)" = revoked ]; then
+            fail agent "$(agent_id) was revoked at the hub" "run the installer with --purge, then install again with a new token" $EXIT_REFUSED
+        else
+            pass agent "this machine is enrolled as $(agent_id) (no token needed)"
+        fi
     elif json_true "$CHECK" enrollable; then
         pass token "valid for org $ORG"
     else
@@ -307,7 +387,12 @@ check_hub() {
     have_cpus=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
     mem_kib=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
     have_mem=$((mem_kib / 1024))
-    disk_at=/var/lib
+    # The file system the state directory is (or will be) on.
+    disk_at=$STATE_DIR
+    while [ ! -d "$disk_at" ]; do
+        disk_at=${disk_at%/*}
+        [ -n "$disk_at" ] || disk_at=/
+    done
     disk_kib=$(df -Pk "$disk_at" | awk 'NR==2 {print $4}')
     have_disk=$((disk_kib / 1024))
     plan_name=${PLAN:-default}
@@ -353,15 +438,45 @@ check_hub() {
     return 0
 }
 
-download() {
+# EXPECTED: the SHA-256 of $FILE in the SHA256SUMS of $VERSION. On failure FETCH_ERROR
+# says what went wrong and FETCH_FIX what to do.
+expected_sha256() {
     http GET "/downloads/$VERSION/SHA256SUMS"
     if [ "$http_status" != 200 ]; then
-        fail download "SHA256SUMS of $VERSION: HTTP $http_status $(cat "$WORK/http.err")" "check the network; try again" $EXIT_UNREACHABLE
+        FETCH_ERROR="SHA256SUMS of $VERSION: HTTP $http_status $(cat "$WORK/http.err")"
+        FETCH_FIX="check the network; try again"
         return 1
     fi
     EXPECTED=$(awk -v f="$FILE" '$2 == f || $2 == "*" f {print $1}' "$WORK/http.out")
     if [ -z "$EXPECTED" ]; then
-        fail download "SHA256SUMS of $VERSION lists no $FILE" "ask the operator to fix the hub's downloads" $EXIT_UNREACHABLE
+        FETCH_ERROR="SHA256SUMS of $VERSION lists no $FILE"
+        FETCH_FIX="ask the operator to fix the hub's downloads"
+        return 1
+    fi
+}
+
+# Download $FILE of $VERSION to $WORK/gantry-agent and check it against EXPECTED.
+fetch_build() {
+    http GET "/downloads/$VERSION/$FILE"
+    if [ "$http_status" != 200 ]; then
+        FETCH_ERROR="$FILE: HTTP $http_status $(cat "$WORK/http.err")"
+        FETCH_FIX="check the network; try again"
+        return 1
+    fi
+    mv "$WORK/http.out" "$WORK/gantry-agent"
+    GOT=$(sha256_of "$WORK/gantry-agent")
+    if [ "$GOT" != "$EXPECTED" ]; then
+        rm -f "$WORK/gantry-agent"
+        FETCH_ERROR="checksum mismatch for $FILE: got $GOT, SHA256SUMS says $EXPECTED"
+        FETCH_FIX="try again; if it persists, the download is being altered on the way"
+        return 1
+    fi
+    chmod 0755 "$WORK/gantry-agent"
+}
+
+download() {
+    if ! expected_sha256; then
+        fail download "$FETCH_ERROR" "$FETCH_FIX" $EXIT_UNREACHABLE
         return 1
     fi
     if [ -x "$BIN" ] && [ "$(sha256_of "$BIN")" = "$EXPECTED" ]; then
@@ -369,24 +484,20 @@ download() {
         pass download "installed $BIN is already $VERSION (sha256 ${EXPECTED%"${EXPECTED#????????????}"}...)"
         return 0
     fi
+    if ! fetch_build; then
+        fail download "$FETCH_ERROR" "$FETCH_FIX" $EXIT_UNREACHABLE
+        return 1
+    fi
     NEW_BIN=$WORK/gantry-agent
-    http GET "/downloads/$VERSION/$FILE"
-    if [ "$http_status" != 200 ]; then
-        fail download "$FILE: HTTP $http_status $(cat "$WORK/http.err")" "check the network; try again" $EXIT_UNREACHABLE
-        return 1
-    fi
-    mv "$WORK/http.out" "$NEW_BIN"
-    GOT=$(sha256_of "$NEW_BIN")
-    if [ "$GOT" != "$EXPECTED" ]; then
-        fail download "checksum mismatch for $FILE: got $GOT, SHA256SUMS says $EXPECTED" "try again; if it persists, the download is being altered on the way" $EXIT_UNREACHABLE
-        return 1
-    fi
-    chmod 0755 "$NEW_BIN"
     pass download "$FILE $VERSION, sha256 verified"
     return 0
 }
 
 check_quic() {
+    if [ -z "$TOKEN" ]; then
+        row quic skip "no --token to probe with; the agent's own connection is waited for below"
+        return
+    fi
     if probe=$(GANTRY_TOKEN=$TOKEN "$NEW_BIN" preflight --timeout-secs 10 2>&1 </dev/null); then
         pass quic "$probe"
     else
@@ -415,8 +526,6 @@ preflight() {
 # ---- install ----
 
 CHANGED=0
-
-agent_id() { sed -n 's/.*"agent_id": *"\([^"]*\)".*/\1/p' "$STATE_DIR/identity.json" 2>/dev/null; }
 
 install_binary() {
     if [ "$NEW_BIN" = "$BIN" ]; then
@@ -458,9 +567,14 @@ EOF
 }
 
 enroll() {
-    if [ -f "$STATE_DIR/identity.json" ]; then
+    if enrolled; then
         AGENT_ID=$(agent_id)
         say "  enroll    already enrolled as $AGENT_ID"
+        if [ -n "$LABELS" ]; then
+            say "  labels    --label not applied: labels are set at enrollment, and $AGENT_ID keeps the ones it has"
+            say "            (see them in the dashboard, Agents). To change them, run the installer with"
+            say "            --purge, then install again with a new token and the labels you want."
+        fi
         return
     fi
     set --
@@ -480,10 +594,21 @@ enroll() {
     CHANGED=1
 }
 
-unit_text() {
+unit_template() {
     cat <<'UNIT'
 @GANTRY_AGENT_UNIT@
 UNIT
+}
+
+# The unit with the state directory the agent is configured with as the one path it may
+# write (STATE_DIR is a plain path: no character in it is special to sed). systemd's own
+# StateDirectory= stays for the default only, so no empty directory is left beside another.
+unit_text() {
+    if [ "$STATE_DIR" = "$DEFAULT_STATE_DIR" ]; then
+        unit_template
+    else
+        unit_template | sed -e "s|^ReadWritePaths=.*|ReadWritePaths=$STATE_DIR|" -e '/^StateDirectory/d'
+    fi
 }
 
 start_systemd() {
@@ -542,11 +667,11 @@ wait_online() {
     waited=0
     status=''
     while :; do
-        http GET "/api/v1/install/agents/$AGENT_ID" -H "X-Gantry-Token: $TOKEN"
+        http GET "/api/v1/install/agents/$AGENT_ID" -H "X-Gantry-Agent-Certificate: $(agent_cert_sha256)"
         answer=$(cat "$WORK/http.out")
         case $http_status in
             200) status=$(json_str "$answer" status) ;;
-            404) die $EXIT_NOT_ONLINE "the hub does not show $AGENT_ID to this token (it was enrolled with another one); look for it in the dashboard" ;;
+            404) die $EXIT_NOT_ONLINE "the hub knows no agent $AGENT_ID with the certificate in $STATE_DIR; look for it in the dashboard" ;;
             *) status="unknown (HTTP $http_status)" ;;
         esac
         [ "$status" = online ] && break
@@ -614,7 +739,7 @@ uninstall_agent() {
         found=1
         stop_background
     fi
-    if [ $PURGE -eq 1 ] && [ -f "$STATE_DIR/identity.json" ]; then
+    if [ $PURGE -eq 1 ] && enrolled; then
         found=1
         revoke || revoke_failed=1
     fi
@@ -631,7 +756,7 @@ uninstall_agent() {
                 say "removed $path"
             fi
         done
-    elif [ -f "$STATE_DIR/identity.json" ]; then
+    elif enrolled; then
         say "kept $CONF and the agent's identity in $STATE_DIR (use --purge to remove them and revoke the agent)"
     fi
     if [ $found -eq 0 ]; then
@@ -644,14 +769,27 @@ uninstall_agent() {
     say "Done."
 }
 
-# Ask the hub to revoke this agent, with a request signed by the agent's own key.
+# Ask the hub to revoke this agent, with a request signed by the agent's own key. When the
+# agent's program is gone (--uninstall ran before), a copy of the hub's build, verified
+# against its SHA256SUMS, signs the request and is deleted right after.
 revoke() {
+    signer=$BIN
     if [ ! -x "$BIN" ]; then
-        err "cannot revoke the agent at the hub: $BIN is missing; revoke it in the dashboard"
-        return 1
+        fetch_signer
+        case $? in
+            0) signer=$WORK/gantry-agent ;;
+            2) return 0 ;;
+            *) return 1 ;;
+        esac
     fi
-    if ! signed=$("$BIN" deregister --state-dir "$STATE_DIR" 2>&1 </dev/null); then
+    signed=$("$signer" deregister --state-dir "$STATE_DIR" 2>&1 </dev/null)
+    signed_ok=$?
+    if [ "$signer" != "$BIN" ]; then
+        rm -f "$signer"
+    fi
+    if [ $signed_ok -ne 0 ]; then
         err "$signed"
+        err "cannot revoke the agent at the hub; revoke $(agent_id) in the dashboard"
         return 1
     fi
     revoke_id=$(printf '%s\n' "$signed" | sed -n 1p)
@@ -665,8 +803,46 @@ revoke() {
     return 1
 }
 
+# Put a verified copy of the hub's agent build in $WORK/gantry-agent to sign the
+# revocation with: 0 done, 2 the agent is already revoked (nothing to sign), 1 failed.
+fetch_signer() {
+    revoke_id=$(agent_id)
+    say "$BIN is not installed: fetching gantry-agent from $HUB_URL to sign the revocation"
+    hub_check
+    case $http_status in
+        200) ;;
+        000)
+            err "cannot revoke the agent at the hub: cannot reach $HUB_URL: $(cat "$WORK/http.err"); revoke $revoke_id in the dashboard"
+            return 1
+            ;;
+        *)
+            err "cannot revoke the agent at the hub: HTTP $http_status: $(json_str "$CHECK" message); revoke $revoke_id in the dashboard"
+            return 1
+            ;;
+    esac
+    if [ "$(json_str "$CHECK" agent_status)" = revoked ]; then
+        say "agent $revoke_id is already revoked at $HUB_URL"
+        return 2
+    fi
+    VERSION=$(json_str "$CHECK" version)
+    FILE=gantry-agent-linux-$(uname -m)
+    if [ -z "$VERSION" ]; then
+        err "cannot revoke the agent at the hub: the hub serves no agent build; revoke $revoke_id in the dashboard"
+        return 1
+    fi
+    if ! expected_sha256 || ! fetch_build; then
+        err "cannot revoke the agent at the hub: $FETCH_ERROR; revoke $revoke_id in the dashboard"
+        return 1
+    fi
+    say "fetched $FILE $VERSION, sha256 verified (deleted again once it has signed)"
+}
+
 main() {
     parse_args "$@"
+    resolve_state_dir
+    if [ $UNINSTALL -eq 0 ] && [ -z "$TOKEN" ] && ! enrolled; then
+        die $EXIT_USAGE "missing --token: ask the operator for an enrollment token (dashboard, Agents, or: gantry-hub token create --org ORG)"
+    fi
     WORK=$(mktemp -d 2>/dev/null || echo "/tmp/gantry-install.$$")
     mkdir -p "$WORK" || die $EXIT_FAILURE "could not create a temporary directory"
     trap 'rm -rf "$WORK"' EXIT

@@ -53,6 +53,16 @@ mod tests {
     }
 
     #[test]
+    fn header_and_help_list_the_same_options() {
+        for option in
+            ["--token TOKEN", "--label KEY=VALUE", "--state-dir DIR", "--dry-run", "--no-systemd", "--timeout SECONDS", "--uninstall", "--purge", "--help"]
+        {
+            assert!(SCRIPT_TEMPLATE.contains(&format!("#   {option} ")), "header lacks {option}");
+            assert!(SCRIPT_TEMPLATE.contains(&format!("\n  {option} ")), "--help lacks {option}");
+        }
+    }
+
+    #[test]
     fn header_and_help_list_the_same_exit_codes() {
         for code in [
             "0  done",

@@ -4,7 +4,10 @@
 //! network, so it reaches the test hub on 127.0.0.1. One container runs a real systemd as its
 //! init (no extra privileges needed) for the systemd path; the others run the script's
 //! `--no-systemd` path; the unit is also checked with `systemd-analyze verify`. shellcheck
-//! lints the script.
+//! lints the script. Failures are provoked the way they happen on a customer's machine: a
+//! plan too big for the host, programs on PATH that report another architecture or clock,
+//! tokens naming an address nobody answers on or another hub's CA, a build that does not
+//! match its SHA256SUMS, a hub that is gone, a read-only /usr/local/bin.
 //!
 //! Needs docker, debootstrap (for the base image), shellcheck and systemd-analyze; a missing
 //! one fails the test with what to install.
@@ -15,7 +18,7 @@ use gantry_hub::install::InstallerConfig;
 use gantry_tests::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const BIN: &str = "/usr/local/bin/gantry-agent";
@@ -37,11 +40,18 @@ struct Container {
 
 impl Container {
     fn start() -> Container {
+        Container::start_with(&[])
+    }
+
+    /// A container with more `docker run` arguments (mounts).
+    fn start_with(extra: &[&str]) -> Container {
         require("docker", "docker.io");
         let image = gantry_tests::images::debian_base_image().expect("building the Debian base image");
         let name = format!("gantry-installer-{:08x}", rand::random::<u32>());
         let output = Command::new("docker")
-            .args(["run", "-d", "--rm", "--init", "--network", "host", "--name", &name, &image, "sleep", "infinity"])
+            .args(["run", "-d", "--rm", "--init", "--network", "host", "--name", &name])
+            .args(extra)
+            .args([image.as_str(), "sleep", "infinity"])
             .output()
             .expect("docker run");
         assert!(output.status.success(), "docker run: {}", String::from_utf8_lossy(&output.stderr));
@@ -90,9 +100,41 @@ impl Container {
 
     /// The install script as users run it: fetched from the hub and piped into sh.
     async fn install(&self, hub: &TestHub, args: &str) -> (i32, String) {
-        let (code, output) = self.sh(&format!("curl -fsSL http://{}/install.sh | sh -s -- {args}", hub.http)).await;
-        eprintln!("---- install.sh {args}\n{output}---- exit {code}");
+        self.install_with(hub, "", args).await
+    }
+
+    /// As [`Container::install`], with `env` (`NAME=value ...`) set for the shell that runs
+    /// the script.
+    async fn install_with(&self, hub: &TestHub, env: &str, args: &str) -> (i32, String) {
+        let (code, output) = self.sh(&format!("curl -fsSL http://{}/install.sh | {env} sh -s -- {args}", hub.http)).await;
+        eprintln!("---- {env} install.sh {args}\n{output}---- exit {code}");
         (code, output)
+    }
+
+    /// `script` (as some hub serves it) piped into `sh -s -- args`.
+    async fn run_script(&self, script: &str, args: &str) -> (i32, String) {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new("docker")
+            .args(["exec", "-i", &self.id, "sh", "-c", &format!("sh -s -- {args}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("docker exec");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).await.unwrap();
+        drop(stdin);
+        let output = child.wait_with_output().await.unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        let code = output.status.code().unwrap_or(-1);
+        eprintln!("---- install.sh (piped) {args}\n{text}---- exit {code}");
+        (code, text)
+    }
+
+    /// An executable `path` in the container with `text` as its content.
+    async fn write_program(&self, path: &str, text: &str) {
+        let (code, out) = self.sh(&format!("mkdir -p \"$(dirname {path})\" && cat > {path} <<'PROGRAM'\n{text}PROGRAM\nchmod 0755 {path}")).await;
+        assert_eq!(code, 0, "{out}");
     }
 
     async fn exists(&self, path: &str) -> bool {
@@ -152,6 +194,11 @@ async fn start_hub(dir: &Path, downloads: &Path) -> TestHub {
     .await
 }
 
+/// A local address nothing listens on (bound, then released).
+fn unused_addr() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
 async fn org_agents(hub: &TestHub, org: &str) -> Vec<Value> {
     let (status, body) = hub.api().get(&format!("/api/v1/orgs/{org}/agents")).await;
     assert_eq!(status, 200, "{body}");
@@ -202,10 +249,20 @@ async fn install_rerun_upgrade_uninstall_and_purge_in_a_container() {
     assert_eq!(container.agent_pid().await.as_deref(), Some(pid.as_str()), "a re-run restarted the agent");
     assert_eq!(org_agents(&hub, "acme").await.len(), 1);
 
-    // Upgrade: the hub has a newer build; the re-run installs it and restarts the agent,
-    // which comes back online as the same agent.
+    // Re-run without a token: the agent's certificate identifies the machine. A --label
+    // is not applied and the run says so, and how labels are changed.
+    let (code, out) = container.install(&hub, "--no-systemd --label role=db").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("agent     ok     this machine is enrolled as {id} (no token needed)")), "{out}");
+    assert!(out.contains("quic      skip") && out.contains("nothing to change"), "{out}");
+    assert!(out.contains("--label not applied: labels are set at enrollment") && out.contains("run the installer with\n            --purge"), "{out}");
+    assert_eq!(container.agent_pid().await.as_deref(), Some(pid.as_str()), "a re-run restarted the agent");
+    assert_eq!(hub.agent(&id).await["labels"]["role"], "web");
+
+    // Upgrade: the hub has a newer build; the re-run (no token needed) installs it and
+    // restarts the agent, which comes back online as the same agent.
     let second = add_build(&downloads, "0.2.0");
-    let (code, out) = container.install(&hub, &format!("--token {token} --no-systemd")).await;
+    let (code, out) = container.install(&hub, "--no-systemd").await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("upgraded /usr/local/bin/gantry-agent from 0.1.0 to 0.2.0"), "{out}");
     assert_eq!(container.sha256(BIN).await, sha256_hex(&second));
@@ -222,8 +279,9 @@ async fn install_rerun_upgrade_uninstall_and_purge_in_a_container() {
     assert!(container.exists("/var/lib/gantry-agent/identity.json").await && container.exists("/etc/gantry/agent.toml").await);
     hub.wait_status(&id, "offline", Duration::from_secs(30)).await;
 
-    // Installing again reuses the identity; then purge revokes it at the hub and removes all.
-    let (code, out) = container.install(&hub, &format!("--token {token} --no-systemd")).await;
+    // Installing again reuses the identity (no token needed); then purge revokes it at the
+    // hub and removes all.
+    let (code, out) = container.install(&hub, "--no-systemd").await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("already enrolled as {id}")) && out.contains("installed /usr/local/bin/gantry-agent (0.2.0)"), "{out}");
     hub.wait_status(&id, "online", Duration::from_secs(30)).await;
@@ -292,13 +350,74 @@ async fn install_under_systemd_restarts_a_killed_agent_and_uninstalls_cleanly() 
     let (_, state) = container.sh("systemctl is-active gantry-agent").await;
     assert_ne!(state.trim(), "active", "the agent still runs after --uninstall");
     hub.wait_status(&id, "offline", Duration::from_secs(30)).await;
-    // A purge after the binary is gone cannot sign the revocation: it removes the rest, says
-    // to revoke in the dashboard, and exits with the "hub not reached" code.
+    // A purge after the binary is gone fetches the hub's build, checks it against
+    // SHA256SUMS, signs the revocation with it and deletes it again.
     let (code, out) = container.install(&hub, "--purge").await;
-    assert_eq!(code, 5, "{out}");
-    assert!(out.contains("cannot revoke the agent at the hub") && out.contains("revoke it in the dashboard"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("fetching gantry-agent from") && out.contains("sha256 verified"), "{out}");
+    assert!(out.contains(&format!("revoked agent {id}")), "{out}");
+    hub.wait_status(&id, "revoked", Duration::from_secs(10)).await;
     container.assert_nothing_installed("--purge").await;
-    assert_eq!(hub.agent(&id).await["status"], "offline");
+    let (_, left) = container.sh("find / -xdev -name 'gantry-agent*' -type f").await;
+    assert_eq!(left.trim(), "", "the copy that signed the revocation was left behind");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_unit_may_write_a_chosen_state_dir_and_a_rerun_upgrades_without_a_token() {
+    let dir = TempDir::new("installer-systemd-state");
+    let downloads = dir.path().join("downloads");
+    add_build(&downloads, "0.1.0");
+    let hub = start_hub(dir.path(), &downloads).await;
+    hub.create_org("acme", 5).await;
+    let token = hub.token("acme", 1, "1h").await;
+    let container = Container::start_systemd().await;
+
+    // A state directory of the user's choosing: the config names it and the unit lets the
+    // agent write there (and not in the default one, which is not created).
+    let state = "/srv/gantry/state";
+    let (code, out) = container.install(&hub, &format!("--token {token} --state-dir {state}")).await;
+    assert_eq!(code, 0, "{out}");
+    let agents = org_agents(&hub, "acme").await;
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let id = agents[0]["id"].as_str().unwrap().to_string();
+    assert!(out.contains(&format!("Done: agent {id} is online")), "{out}");
+    assert_eq!(container.unit_property("ReadWritePaths").await, state);
+    assert_eq!(container.unit_property("ActiveState").await, "active");
+    assert!(container.exists(&format!("{state}/identity.json")).await);
+    assert!(!container.exists("/var/lib/gantry-agent").await, "the default state directory was created too");
+    let (code, config) = container.sh("cat /etc/gantry/agent.toml").await;
+    assert!(code == 0 && config.contains(&format!("state_dir = \"{state}\"")), "{config}");
+    let pid = container.unit_property("MainPID").await;
+
+    // Upgrade without a token: the binary is replaced, the unit restarted, and the same agent
+    // comes back online. The --label given is not applied, and the run says so.
+    let second = add_build(&downloads, "0.2.0");
+    let (code, out) = container.install(&hub, "--label role=db").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("upgraded /usr/local/bin/gantry-agent from 0.1.0 to 0.2.0") && out.contains("(re)started gantry-agent.service"), "{out}");
+    assert!(out.contains("--label not applied: labels are set at enrollment"), "{out}");
+    assert_eq!(container.sha256(BIN).await, sha256_hex(&second));
+    let restarted = container.unit_property("MainPID").await;
+    assert!(restarted != "0" && restarted != pid, "the unit was not restarted: {pid} -> {restarted}");
+    let agent = hub.wait_status(&id, "online", Duration::from_secs(30)).await;
+    assert!(agent["labels"].get("role").is_none(), "{agent}");
+    assert_eq!(org_agents(&hub, "acme").await.len(), 1);
+    assert_eq!(container.unit_property("ReadWritePaths").await, state);
+
+    // Another state directory on a re-run is refused before anything changes.
+    let (code, out) = container.install(&hub, "--state-dir /elsewhere").await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(&format!("--state-dir /elsewhere differs from state_dir = \"{state}\" in /etc/gantry/agent.toml")), "{out}");
+    assert_eq!(container.unit_property("MainPID").await, restarted);
+
+    // Purge finds the state where the config says and removes it.
+    let (code, out) = container.install(&hub, "--purge").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("revoked agent {id}")) && out.contains(&format!("removed {state}")), "{out}");
+    hub.wait_status(&id, "revoked", Duration::from_secs(10)).await;
+    assert!(!container.exists(state).await);
+    container.assert_nothing_installed("--purge").await;
     hub.stop().await;
 }
 
@@ -312,7 +431,7 @@ async fn failed_preflight_shows_the_fix_and_changes_nothing() {
     let api = hub.api();
     // A plan for big machines only: the preflight compares the host against it.
     let plan = json!({ "id": "huge", "name": "Huge hosts", "prices": { "currency": "EUR", "base_minor": 0, "meters": [] },
-        "limits": { "agent_host": { "min_cpus": 1, "min_memory_mib": 1_000_000_000u64, "min_disk_mib": 1 } } });
+        "limits": { "agent_host": { "min_cpus": 100_000, "min_memory_mib": 1_000_000_000u64, "min_disk_mib": 1_000_000_000u64 } } });
     let (status, body) = api.post("/api/v1/plans", &plan).await;
     assert_eq!(status, 201, "{body}");
     let (status, _, body) = api.send("PUT", "/api/v1/orgs/acme/subscription", Some("application/json"), br#"{"plan":"huge"}"#.to_vec()).await;
@@ -324,7 +443,11 @@ async fn failed_preflight_shows_the_fix_and_changes_nothing() {
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("memory    FAIL") && out.contains("plan huge needs 1000000000 MiB"), "{out}");
     assert!(out.contains("fix:   use a machine with at least 1000000000 MiB of memory"), "{out}");
-    assert!(out.contains("cpu       ok") && out.contains("quic      ok"), "other checks still run: {out}");
+    assert!(out.contains("cpu       FAIL") && out.contains("CPUs, plan huge needs 100000"), "{out}");
+    assert!(out.contains("fix:   use a machine with at least 100000 CPUs"), "{out}");
+    assert!(out.contains("disk      FAIL") && out.contains("MiB free in /var/lib, plan huge needs 1000000000 MiB"), "{out}");
+    assert!(out.contains("fix:   free at least 1000000000 MiB in /var/lib"), "{out}");
+    assert!(out.contains("clock     ok") && out.contains("quic      ok"), "other checks still run: {out}");
     assert!(out.contains("preflight failed; nothing was changed"), "{out}");
     container.assert_nothing_installed("a failed preflight").await;
 
@@ -339,6 +462,118 @@ async fn failed_preflight_shows_the_fix_and_changes_nothing() {
     assert!(out.contains("root      FAIL") && out.contains("run the installer as root"), "{out}");
     container.assert_nothing_installed("a run as nobody").await;
     assert!(org_agents(&hub, "acme").await.is_empty(), "a failed preflight enrolled an agent");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_fails_on_a_foreign_platform_a_skewed_clock_and_an_unreachable_or_foreign_hub() {
+    let dir = TempDir::new("installer-preflight-host");
+    let downloads = dir.path().join("downloads");
+    add_build(&downloads, "0.1.0");
+    let hub = start_hub(dir.path(), &downloads).await;
+    hub.create_org("acme", 5).await;
+    let token = hub.token("acme", 1, "1h").await;
+    // The host's Docker engine, where the agent looks for it.
+    let container = Container::start_with(&["-v", "/run/docker.sock:/var/run/docker.sock"]);
+    let dry_run = format!("--token {token} --no-systemd --dry-run");
+
+    // With a Docker engine the docker row passes.
+    let (code, out) = container.install(&hub, &dry_run).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("docker    ok     socket /var/run/docker.sock answers") && !out.contains("WARN"), "{out}");
+
+    // An architecture no build exists for (uname as a RISC-V machine reports it).
+    container.write_program("/opt/riscv/uname", "#!/bin/sh\ncase \"$1\" in -m) echo riscv64 ;; *) exec /usr/bin/uname \"$@\" ;; esac\n").await;
+    let (code, out) = container.install_with(&hub, "PATH=/opt/riscv:$PATH", &dry_run).await;
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("os/arch   FAIL   Linux riscv64 is not supported") && out.contains("fix:   use Linux on x86_64 or aarch64"), "{out}");
+    assert!(out.contains("build     FAIL   the hub has no gantry-agent-linux-riscv64"), "{out}");
+
+    // A clock an hour ahead of the hub's.
+    container.write_program("/opt/ahead/date", "#!/bin/sh\nif [ \"$1\" = +%s ]; then echo $(($(/usr/bin/date +%s) + 3600)); else exec /usr/bin/date \"$@\"; fi\n").await;
+    let (code, out) = container.install_with(&hub, "PATH=/opt/ahead:$PATH", &dry_run).await;
+    assert_eq!(code, 3, "{out}");
+    let clock = out.lines().find(|l| l.contains("clock     FAIL")).unwrap_or_else(|| panic!("no clock failure:\n{out}"));
+    let skew: i64 = clock.split_whitespace().nth(2).and_then(|w| w.strip_suffix('s')).unwrap().parse().unwrap();
+    assert!((3590..=3610).contains(&skew), "{clock}");
+    assert!(clock.contains("off the hub's clock; certificates would not be accepted"), "{clock}");
+    assert!(out.contains("fix:   sync the clock: timedatectl set-ntp true"), "{out}");
+
+    // The QUIC port unreachable: the token names an address where nothing answers UDP.
+    let mut parsed = gantry_shared::token::EnrollmentToken::parse(&token).unwrap();
+    parsed.hub_addr = unused_addr().to_string();
+    let (code, out) = container.install(&hub, &format!("--token {} --no-systemd --dry-run", parsed.encode())).await;
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("quic      FAIL") && out.contains("fix:   allow outbound UDP to"), "{out}");
+
+    // Something else answers there: a hub with another CA than the one the token pins.
+    let mut parsed = gantry_shared::token::EnrollmentToken::parse(&token).unwrap();
+    parsed.ca_sha256 = [7; 32];
+    let (code, out) = container.install(&hub, &format!("--token {} --no-systemd --dry-run", parsed.encode())).await;
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("quic      FAIL") && out.contains("is not the one that issued this token"), "{out}");
+
+    container.assert_nothing_installed("failed preflights").await;
+    assert!(org_agents(&hub, "acme").await.is_empty(), "a preflight enrolled an agent");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_checksum_hub_gone_agent_never_online_and_failed_command_exit_with_their_codes() {
+    let dir = TempDir::new("installer-exits");
+    let downloads = dir.path().join("downloads");
+    add_build(&downloads, "0.1.0");
+    let sums = downloads.join("0.1.0").join("SHA256SUMS");
+    let good_sums = std::fs::read_to_string(&sums).unwrap();
+    let hub = start_hub(dir.path(), &downloads).await;
+    hub.create_org("acme", 5).await;
+    let token = hub.token("acme", 2, "1h").await;
+    let container = Container::start();
+    let args = format!("--token {token} --no-systemd");
+
+    // The build does not match its SHA256SUMS: exit 5, nothing installed.
+    let zeros = "0".repeat(64);
+    std::fs::write(&sums, format!("{zeros}  {}\n", build_file())).unwrap();
+    let (code, out) = container.install(&hub, &args).await;
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("download  FAIL") && out.contains(&format!("checksum mismatch for {}", build_file())), "{out}");
+    assert!(out.contains(&format!("SHA256SUMS says {zeros}")) && out.contains("the download is being altered on the way"), "{out}");
+    assert!(out.contains("preflight failed; nothing was changed"), "{out}");
+    container.assert_nothing_installed("a checksum mismatch").await;
+    std::fs::write(&sums, good_sums).unwrap();
+
+    // The script of a hub that no longer answers: exit 5, nothing installed.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (code, out) = container.run_script(&gantry_installer::render_script(&format!("http://{gone}")), &args).await;
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains(&format!("hub       FAIL   cannot reach http://{gone}")) && out.contains("the hub's HTTP port must be reachable from here"), "{out}");
+    container.assert_nothing_installed("an unreachable hub").await;
+    assert!(org_agents(&hub, "acme").await.is_empty());
+
+    // Installed and started, but the agent cannot reach the hub's QUIC port (the kept
+    // config sends it to an address where nothing answers): exit 6 once --timeout is up.
+    let quiet = unused_addr();
+    let (code, out) = container.sh(&format!("mkdir -p /etc/gantry && echo 'hub_addr = \"{quiet}\"' > /etc/gantry/agent.toml")).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = container.install(&hub, &format!("{args} --timeout 3")).await;
+    assert_eq!(code, 6, "{out}");
+    assert!(out.contains("config    kept /etc/gantry/agent.toml"), "{out}");
+    assert!(out.contains("the agent is installed and started, but the hub still shows it offline after 3s; see: tail /var/log/gantry-agent.log"), "{out}");
+    let agents = org_agents(&hub, "acme").await;
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert_eq!(hub.agent(agents[0]["id"].as_str().unwrap()).await["status"], "offline");
+    assert!(container.agent_pid().await.is_some(), "the agent is left running, to connect once it can");
+
+    // A system command fails (/usr/local/bin is read-only): exit 1 naming it, nothing
+    // installed and nothing enrolled.
+    let empty = dir.path().join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let readonly = Container::start_with(&["-v", &format!("{}:/usr/local/bin:ro", empty.display())]);
+    let (code, out) = readonly.install(&hub, &args).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("error: could not install /usr/local/bin/gantry-agent") && out.contains("Read-only file system"), "{out}");
+    readonly.assert_nothing_installed("a failed install").await;
+    assert_eq!(org_agents(&hub, "acme").await.len(), 1);
     hub.stop().await;
 }
 
@@ -360,6 +595,8 @@ async fn bad_input_gets_a_clear_message_and_an_exit_code() {
         (format!("--token {token} --timeout soon"), 2, "--timeout must be a whole number of seconds"),
         (format!("--token {token} --label 'bad key=x'"), 2, "label key 'bad key' must be"),
         (format!("--token {token} --label role={}", "x".repeat(64)), 2, "label value for 'role' is longer than 63 characters"),
+        (format!("--token {token} --state-dir relative/dir"), 2, "state directory 'relative/dir' must be an absolute path below /"),
+        (format!("--token {token} --state-dir '/srv/my state'"), 2, "state directory '/srv/my state' must be a plain absolute path"),
         ("--token gt1_notatoken --no-systemd".into(), 4, "enrollment token is not valid base64url"),
         ("--token hello --no-systemd".into(), 4, "enrollment token must start with `gt1_`"),
     ];
