@@ -1,5 +1,6 @@
 //! Command line of `gantry-hub`: `init`, `serve`, `quickstart`, `token create`, `deploy`,
-//! `audit verify`, `billing export`, `org export`, `backup`, `restore`, `rotate-key` and `rotate-ca`.
+//! `audit verify`, `billing export`, `org export`, `backup`, `restore`, `compact`, `rotate-key`
+//! and `rotate-ca`.
 //!
 //! Parses flags, loads the config once, sets up logging and calls the library. `token
 //! create` talks to a running hub over its HTTP API (the store is locked by the server), with
@@ -65,6 +66,13 @@ enum Command {
     Deploy {
         #[command(subcommand)]
         command: DeployCommand,
+    },
+    /// Rewrite a stopped hub's store with only its live records, so the bytes of erased
+    /// records (e.g. a deleted org's) leave sled's files. Stop the hub first.
+    Compact {
+        /// Data directory of the (stopped) hub.
+        #[arg(long, env = "GANTRY_DATA", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data: PathBuf,
     },
     /// The audit log.
     Audit {
@@ -451,6 +459,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if reply["reencrypted"]["failed"].as_u64().unwrap_or(0) > 0 {
                 anyhow::bail!("some values could not be re-encrypted; see the hub's log");
             }
+            Ok(())
+        }
+        Command::Compact { data } => {
+            let done = match crate::store::backup::compact(&data) {
+                Err(crate::store::Error::Locked(path)) => anyhow::bail!("the store at {path} is in use: stop the hub before running `gantry-hub compact`"),
+                other => other.with_context(|| format!("compacting the store in {}", data.display()))?,
+            };
+            println!(
+                "store compacted: {} trees, {} records, {} bytes before, {} after",
+                done.trees, done.records, done.bytes_before, done.bytes_after
+            );
             Ok(())
         }
         Command::Audit { command: AuditCommand::Verify { data } } => {

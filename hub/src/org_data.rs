@@ -13,7 +13,8 @@
 //! accounts of people who belonged to no other org. Kept for accounting, unchanged: the
 //! usage ledger, closed invoices, the subscription (canceled) and the Stripe records, which
 //! carry org and agent ids and quantities but no personal data; and the audit log, whose
-//! hash chain forbids rewriting (see README, "Customer data: export and deletion").
+//! entries of the org keep what was done and when but lose their personal fields (see
+//! `store/audit.rs` and README, "Customer data: export and deletion").
 //!
 //! The confirmation writes the org's tombstone before anything is removed (see
 //! `store/org_data.rs`); a deletion the hub did not finish (it was killed, or the store
@@ -333,6 +334,10 @@ fn audit(hub: &Hub, org: &str) -> Result<Lines, ExportError> {
     Ok(Lines::of(entries.iter().map(|e| {
         let mut line = to_json(e);
         line["at"] = json!(time(e.at_ms));
+        // As the audit API shows entries: without the salt of the personal digests.
+        if let Some(fields) = line.as_object_mut() {
+            fields.remove("salt");
+        }
         line
     })))
 }

@@ -125,7 +125,7 @@ const REMOVES: [&str; 9] = [
 /// What a deletion keeps, as the request lists it.
 const KEEPS: [&str; 3] = [
     "usage ledger entries, closed invoices, the subscription (canceled) and the Stripe records, for accounting",
-    "the audit log (hash-chained and append-only), for accountability",
+    "the audit log (hash-chained and append-only), for accountability, with the actors, client addresses and command lines of the org's entries erased",
     "the org id, reserved so kept records never pass to a new org",
 ];
 

@@ -8,6 +8,16 @@
 //! `hash = SHA-256(prev_hash || canonical JSON of the entry without hash)`, so changing,
 //! removing or reordering a stored entry breaks the chain at that entry ([`verify_chain`]).
 //!
+//! Personal fields (the actor, the client address, and the target's `command`, `email`,
+//! `user` and `user_id`) can be erased without breaking the chain: an entry of format 2
+//! stores, beside their text, a random salt and a salted SHA-256 of each
+//! ([`AuditEntry::personal`]), and its hash covers the digests instead of the text.
+//! Verifying checks the text against its digest while the salt is there. Erasing
+//! ([`Store::erase_audit_personal`], for an org deletion) replaces the text with
+//! [`ERASED`] and drops the salt, so the digests, all that is left, cannot be tried against
+//! guesses. Entries of format 1 (written before) hash their text and verify as they always
+//! did; they cannot be erased, only counted.
+//!
 //! Appends are serialised by one mutex, so two requests never chain onto the same entry;
 //! an entry, its index key and the new head are written in one sled transaction.
 //!
@@ -31,6 +41,19 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 pub const AUDIT_SCAN_LIMIT: usize = 10_000;
 
 const HEAD_KEY: &[u8] = b"head";
+
+/// Entry format whose hash covers salted digests of the personal fields.
+pub const FORMAT_PERSONAL_DIGESTS: u8 = 2;
+
+/// What an erased actor reads as.
+pub const ERASED: &str = "[erased]";
+
+/// Target keys whose values are personal: an exec's command line, a person's email or id.
+const PERSONAL_TARGET_KEYS: [&str; 4] = ["command", "email", "user", "user_id"];
+
+fn format_1() -> u8 {
+    1
+}
 
 /// The trees of this module and the cached head of the chain.
 #[derive(Debug, Clone)]
@@ -59,6 +82,10 @@ pub struct Head {
 /// One audit record as stored and served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
+    /// `1` for entries written before personal digests (the hash covers every field's
+    /// text), [`FORMAT_PERSONAL_DIGESTS`] since.
+    #[serde(default = "format_1")]
+    pub format: u8,
     /// Position in the global chain, from 1.
     pub seq: u64,
     /// When it was recorded, Unix milliseconds.
@@ -85,6 +112,13 @@ pub struct AuditEntry {
     pub prev_hash: String,
     /// SHA-256 (hex) of `prev_hash` and the canonical JSON of every other field.
     pub hash: String,
+    /// Format 2: `hex(SHA-256(salt, field name, text))` of each personal field, by name
+    /// (`actor`, `client_ip`, `target.<key>`); the hash covers these, not the text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub personal: BTreeMap<String, String>,
+    /// Format 2: the salt of those digests (hex); `None` once the fields were erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
 }
 
 /// What a caller records; the store adds `seq`, `prev_hash` and `hash`.
@@ -119,9 +153,92 @@ struct Canonical<'a> {
     prev_hash: &'a str,
 }
 
+/// The hashed form of a format 2 entry: personal fields only as their digests.
+#[derive(Serialize)]
+struct CanonicalV2<'a> {
+    format: u8,
+    seq: u64,
+    at_ms: i64,
+    actor_kind: &'a str,
+    org: Option<&'a str>,
+    action: &'a str,
+    /// The target without its personal keys.
+    target: BTreeMap<&'a str, &'a str>,
+    outcome: &'a str,
+    request_id: Option<&'a str>,
+    personal: &'a BTreeMap<String, String>,
+    prev_hash: &'a str,
+}
+
+fn personal_digest(salt: &str, field: &str, text: &str) -> String {
+    let mut digest = Sha256::new();
+    for part in ["gantry-audit-personal", salt, field, text] {
+        digest.update(part.as_bytes());
+        digest.update([0u8]);
+    }
+    hex(&digest.finalize())
+}
+
+/// The personal fields of an entry that was not erased: `(name, text)`.
+fn personal_fields(entry: &AuditEntry) -> Vec<(String, &str)> {
+    let mut out = vec![("actor".to_string(), entry.actor.as_str())];
+    if let Some(ip) = &entry.client_ip {
+        out.push(("client_ip".to_string(), ip.as_str()));
+    }
+    for (key, value) in &entry.target {
+        if PERSONAL_TARGET_KEYS.contains(&key.as_str()) {
+            out.push((format!("target.{key}"), value.as_str()));
+        }
+    }
+    out
+}
+
+/// Whether the personal text of a format 2 entry matches its digests (or, erased, is gone).
+fn check_personal(entry: &AuditEntry) -> Result<(), String> {
+    let Some(salt) = &entry.salt else {
+        if entry.actor != ERASED {
+            return Err("personal field actor modified: the entry was erased but names an actor".into());
+        }
+        if entry.client_ip.is_some() || entry.target.keys().any(|k| PERSONAL_TARGET_KEYS.contains(&k.as_str())) {
+            return Err("personal fields modified: the entry was erased but holds personal text".into());
+        }
+        return Ok(());
+    };
+    let fields = personal_fields(entry);
+    for (name, text) in &fields {
+        if entry.personal.get(name) != Some(&personal_digest(salt, name, text)) {
+            return Err(format!("personal field {name} modified: its text does not match its digest"));
+        }
+    }
+    if let Some(name) = entry.personal.keys().find(|name| !fields.iter().any(|(field, _)| field == *name)) {
+        return Err(format!("personal field {name} modified: its text was removed"));
+    }
+    Ok(())
+}
+
 /// `hex(SHA-256(prev_hash || canonical JSON of the entry without hash))`, where
-/// `prev_hash` is taken as its hex text.
+/// `prev_hash` is taken as its hex text. Format 2 entries put the digests of their
+/// personal fields in the canonical JSON instead of the text (see the module doc).
 pub fn entry_hash(entry: &AuditEntry) -> String {
+    if entry.format == FORMAT_PERSONAL_DIGESTS {
+        let canonical = CanonicalV2 {
+            format: entry.format,
+            seq: entry.seq,
+            at_ms: entry.at_ms,
+            actor_kind: &entry.actor_kind,
+            org: entry.org.as_deref(),
+            action: &entry.action,
+            target: entry.target.iter().filter(|(k, _)| !PERSONAL_TARGET_KEYS.contains(&k.as_str())).map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            outcome: &entry.outcome,
+            request_id: entry.request_id.as_deref(),
+            personal: &entry.personal,
+            prev_hash: &entry.prev_hash,
+        };
+        let mut digest = Sha256::new();
+        digest.update(entry.prev_hash.as_bytes());
+        digest.update(encode(&canonical));
+        return hex(&digest.finalize());
+    }
     let canonical = Canonical {
         seq: entry.seq,
         at_ms: entry.at_ms,
@@ -213,6 +330,11 @@ impl ChainWalk {
         if entry.seq != seq {
             return Err((seq, format!("entry stored under seq {seq} says seq {}", entry.seq)));
         }
+        match entry.format {
+            1 => {}
+            FORMAT_PERSONAL_DIGESTS => check_personal(&entry).map_err(|reason| (seq, format!("hash mismatch: {reason}")))?,
+            other => return Err((seq, format!("entry has unknown format {other}"))),
+        }
         if entry.prev_hash != self.prev_hash {
             return Err((seq, format!("broken link: prev_hash {} is not the hash of entry {} ({})", entry.prev_hash, seq - 1, self.prev_hash)));
         }
@@ -283,6 +405,7 @@ impl Store {
                 None => self.audit_head()?.unwrap_or(Head { seq: 0, hash: GENESIS_HASH.to_string() }),
             };
             let mut entry = AuditEntry {
+                format: FORMAT_PERSONAL_DIGESTS,
                 seq: head.seq + 1,
                 at_ms: new.at_ms,
                 actor: new.actor,
@@ -295,7 +418,12 @@ impl Store {
                 client_ip: new.client_ip,
                 prev_hash: head.hash,
                 hash: String::new(),
+                personal: BTreeMap::new(),
+                salt: Some(hex(&rand::random::<[u8; 16]>())),
             };
+            if let Some(salt) = &entry.salt {
+                entry.personal = personal_fields(&entry).into_iter().map(|(name, text)| (name.clone(), personal_digest(salt, &name, text))).collect();
+            }
             entry.hash = entry_hash(&entry);
             let new_head = Head { seq: entry.seq, hash: entry.hash.clone() };
             let (value, head_value) = (encode(&entry), encode(&new_head));
@@ -355,6 +483,39 @@ impl Store {
             }
         }
         Ok(page)
+    }
+
+    /// Erase the personal fields (see the module doc) of every entry of org `org` or whose
+    /// actor is one of `actors`. Returns how many entries were erased and how many of
+    /// format 1 matched and keep their text (their hash covers it). Hashes and the chain
+    /// are unchanged; running it again erases nothing more.
+    pub fn erase_audit_personal(&self, org: &str, actors: &[String]) -> Result<(u64, u64), Error> {
+        let _writing = self.writing();
+        let (mut erased, mut kept) = (0, 0);
+        for item in self.audit.entries.iter() {
+            let (key, raw) = item?;
+            let mut entry: AuditEntry = super::decode("audit entry", &raw)?;
+            if entry.org.as_deref() != Some(org) && !actors.contains(&entry.actor) {
+                continue;
+            }
+            if entry.format != FORMAT_PERSONAL_DIGESTS {
+                kept += 1;
+                continue;
+            }
+            if entry.salt.is_none() {
+                continue;
+            }
+            entry.actor = ERASED.to_string();
+            entry.client_ip = None;
+            entry.target.retain(|k, _| !PERSONAL_TARGET_KEYS.contains(&k.as_str()));
+            entry.salt = None;
+            // Nothing else rewrites an entry; a failed swap would mean the log changed
+            // under the write gate, which is a corrupt store.
+            self.audit.entries.compare_and_swap(&key, Some(raw), Some(encode(&entry)))?.map_err(|_| Error::Corrupt(format!("audit entry {} changed while being erased", entry.seq)))?;
+            erased += 1;
+        }
+        self.durable()?;
+        Ok((erased, kept))
     }
 
     /// Walk the whole chain (see [`verify_chain`]).
@@ -476,7 +637,7 @@ mod tests {
         let store = store_with(4);
         let key = 2u64.to_be_bytes();
         let mut entry: AuditEntry = serde_json::from_slice(&store.audit.entries.get(key).unwrap().unwrap()).unwrap();
-        entry.actor = "someone else".into();
+        entry.outcome = "500".into();
         entry.hash = entry_hash(&entry);
         store.audit.entries.insert(key, encode(&entry)).unwrap();
         match store.verify_audit().unwrap() {
@@ -532,4 +693,106 @@ mod tests {
         let by_time = store.audit_entries(&AuditFilter { from_ms: Some(1002), to_ms: Some(1004), ..AuditFilter::default() }, 10).unwrap();
         assert_eq!(by_time.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 3]);
     }
+
+    fn stored(store: &Store, seq: u64) -> AuditEntry {
+        serde_json::from_slice(&store.audit.entries.get(seq.to_be_bytes()).unwrap().unwrap()).unwrap()
+    }
+
+    fn broken_at(store: &Store) -> (u64, String) {
+        match store.verify_audit().unwrap() {
+            AuditVerdict::Broken { seq, reason } => (seq, reason),
+            other => panic!("tampering not detected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_modified_actor_is_detected_at_its_seq_even_with_a_recomputed_hash() {
+        let store = store_with(4);
+        let mut entry = stored(&store, 2);
+        entry.actor = "someone else".into();
+        entry.hash = entry_hash(&entry);
+        store.audit.entries.insert(2u64.to_be_bytes(), encode(&entry)).unwrap();
+        let (seq, reason) = broken_at(&store);
+        assert_eq!(seq, 2);
+        assert!(reason.starts_with("hash mismatch: personal field actor"), "{reason}");
+    }
+
+    #[test]
+    fn erasing_an_orgs_personal_fields_keeps_the_chain_intact() {
+        let store = store_with(4);
+        let mut exec = new("owner@acme.example", Some("acme"), "POST /api/v1/agents/{id}/exec", 3000);
+        exec.target.insert("command".into(), "echo exec-marker-5d1".into());
+        exec.client_ip = Some("198.51.100.7".into());
+        store.append_audit(exec).unwrap();
+        store.append_audit(new("owner@acme.example", None, "POST /api/v1/auth/logout", 3001)).unwrap();
+        let before = store.verify_audit().unwrap();
+
+        assert_eq!(store.erase_audit_personal("acme", &["owner@acme.example".to_string()]).unwrap(), (4, 0));
+        assert_eq!(store.verify_audit().unwrap(), before, "same chain, same head");
+        for seq in [1, 3, 5, 6] {
+            let entry = stored(&store, seq);
+            assert_eq!((entry.actor.as_str(), entry.client_ip.as_deref(), entry.salt.as_deref()), (ERASED, None, None), "{entry:?}");
+            assert!(!entry.target.contains_key("command"));
+            assert_eq!(entry.personal.len(), if seq == 5 { 3 } else { 2 }, "the digests stay: {entry:?}");
+        }
+        assert_eq!(stored(&store, 5).target.get("org").map(String::as_str), Some("acme"), "what is not personal stays");
+        for seq in [2, 4] {
+            assert_eq!(stored(&store, seq).actor, "ops@example.com", "other orgs' entries keep their text");
+        }
+        for item in store.audit.entries.iter() {
+            let (_, raw) = item.unwrap();
+            let text = String::from_utf8_lossy(&raw);
+            assert!(!text.contains("owner@acme.example") && !text.contains("exec-marker-5d1") && !text.contains("198.51.100.7"), "{text}");
+        }
+        assert_eq!(store.erase_audit_personal("acme", &[]).unwrap(), (0, 0), "erasing again finds nothing left");
+
+        // Putting text back into an erased entry is tampering.
+        let mut entry = stored(&store, 5);
+        entry.actor = "owner@acme.example".into();
+        store.audit.entries.insert(5u64.to_be_bytes(), encode(&entry)).unwrap();
+        let (seq, reason) = broken_at(&store);
+        assert_eq!(seq, 5);
+        assert!(reason.starts_with("hash mismatch: personal field actor"), "{reason}");
+    }
+
+    #[test]
+    fn a_chain_of_format_1_entries_still_verifies_and_continues_in_format_2() {
+        let store = Store::create(&tempdir()).unwrap();
+        let mut prev = GENESIS_HASH.to_string();
+        for seq in 1..=3u64 {
+            let mut entry = AuditEntry {
+                format: 1,
+                seq,
+                at_ms: seq as i64,
+                actor: "old@acme.example".into(),
+                actor_kind: "user".into(),
+                org: Some("acme".into()),
+                action: "POST /api/v1/orgs/{org}/checks".into(),
+                target: BTreeMap::new(),
+                outcome: "201".into(),
+                request_id: None,
+                client_ip: Some("127.0.0.1".into()),
+                prev_hash: prev.clone(),
+                hash: String::new(),
+                personal: BTreeMap::new(),
+                salt: None,
+            };
+            entry.hash = entry_hash(&entry);
+            prev = entry.hash.clone();
+            // Written as a hub of format 1 wrote it: no `format`, `personal` or `salt` keys.
+            let mut value = serde_json::to_value(&entry).unwrap();
+            value.as_object_mut().unwrap().remove("format");
+            store.audit.entries.insert(seq.to_be_bytes(), serde_json::to_vec(&value).unwrap()).unwrap();
+            store.audit.by_org.insert(org_seq_key("acme", seq), &[] as &[u8]).unwrap();
+            store.audit.head.insert(HEAD_KEY, encode(&Head { seq, hash: prev.clone() })).unwrap();
+        }
+        assert!(matches!(store.verify_audit().unwrap(), AuditVerdict::Intact { entries: 3, .. }));
+        let next = store.append_audit(new("new@acme.example", Some("acme"), "POST", 10)).unwrap();
+        assert_eq!((next.seq, next.format, next.prev_hash.as_str()), (4, FORMAT_PERSONAL_DIGESTS, prev.as_str()));
+        assert!(matches!(store.verify_audit().unwrap(), AuditVerdict::Intact { entries: 4, .. }));
+        assert_eq!(store.erase_audit_personal("acme", &[]).unwrap(), (1, 3), "format 1 entries are counted, not erased");
+        assert!(matches!(store.verify_audit().unwrap(), AuditVerdict::Intact { entries: 4, .. }));
+        assert_eq!(stored(&store, 1).actor, "old@acme.example");
+    }
+
 }

@@ -14,6 +14,10 @@
 //! append-only and an open file outlives its deletion, so the recorded prefix stays
 //! readable.
 //!
+//! [`compact`] rewrites a stopped hub's store into a fresh directory holding only the live
+//! records: sled appends every change to its log and reuses the space of old versions only
+//! later, so the bytes of erased records (a deleted org's) can stay in its files until then.
+//!
 //! This module knows sled and the directory layout, nothing of the backup file format.
 
 use super::segments::Segments;
@@ -198,3 +202,185 @@ impl Importer {
     }
 }
 
+/// What a compaction did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    pub trees: u64,
+    pub records: u64,
+    /// Bytes of the store's files before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// Beside `DATA/store` while it is being rewritten; then renamed to [`COMPACTED`].
+const COMPACTING: &str = "store.compacting";
+/// A complete rewrite, waiting to replace `DATA/store`.
+const COMPACTED: &str = "store.compacted";
+/// The store a complete rewrite replaced, removed once the rewrite is in place.
+const REPLACED: &str = "store.replaced";
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }).sum()
+}
+
+fn fs_error(what: &str, path: &Path, error: std::io::Error) -> Error {
+    Error::Corrupt(format!("{what} {}: {error}", path.display()))
+}
+
+/// Rewrite the store of the stopped hub in `data_dir` with only its live records (see
+/// the module doc). The copy is made beside it and swapped in only when complete; a crash
+/// at any point leaves either store whole, and [`finish_compaction`] (run when a store is
+/// opened) completes or discards an interrupted swap.
+pub fn compact(data_dir: &Path) -> Result<Compacted, Error> {
+    finish_compaction(data_dir)?;
+    let live = data_dir.join("store");
+    let bytes_before = dir_bytes(&live);
+    let (trees, records) = {
+        let store = Store::open(data_dir)?;
+        let target = data_dir.join(COMPACTING);
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(|e| fs_error("removing", &target, e))?;
+        }
+        let fresh = sled::Config::new().path(&target).open()?;
+        let (mut trees, mut records) = (0u64, 0u64);
+        for name in store.db.tree_names() {
+            let from = store.db.open_tree(&name)?;
+            let to = fresh.open_tree(&name)?;
+            for item in from.iter() {
+                let (key, value) = item?;
+                to.insert(key, value)?;
+                records += 1;
+            }
+            trees += 1;
+        }
+        fresh.flush()?;
+        drop(fresh);
+        (trees, records)
+    };
+    // sled lets go of a store (its lock, its background writes) only with its last
+    // thread's handle (see `Store::open_raw`): both must be closed before they move.
+    wait_until_closed(&live)?;
+    wait_until_closed(&data_dir.join(COMPACTING))?;
+    let (compacting, compacted) = (data_dir.join(COMPACTING), data_dir.join(COMPACTED));
+    std::fs::rename(&compacting, &compacted).map_err(|e| fs_error("renaming", &compacting, e))?;
+    finish_compaction(data_dir)?;
+    Ok(Compacted { trees, records, bytes_before, bytes_after: dir_bytes(&live) })
+}
+
+/// Wait until the sled store at `path` can be opened (every earlier handle is gone).
+fn wait_until_closed(path: &Path) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => {
+                drop(db);
+                return Ok(());
+            }
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") && started.elapsed() < super::LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Complete a compaction a crash interrupted: a finished rewrite (`store.compacted`)
+/// replaces the store, an unfinished one (`store.compacting`) is discarded, and the
+/// replaced store is removed.
+pub fn finish_compaction(data_dir: &Path) -> Result<(), Error> {
+    let (live, compacted, replaced) = (data_dir.join("store"), data_dir.join(COMPACTED), data_dir.join(REPLACED));
+    if compacted.exists() {
+        if live.exists() {
+            if replaced.exists() {
+                std::fs::remove_dir_all(&replaced).map_err(|e| fs_error("removing", &replaced, e))?;
+            }
+            std::fs::rename(&live, &replaced).map_err(|e| fs_error("renaming", &live, e))?;
+        }
+        std::fs::rename(&compacted, &live).map_err(|e| fs_error("renaming", &compacted, e))?;
+    }
+    for leftover in [replaced, data_dir.join(COMPACTING)] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(&leftover).map_err(|e| fs_error("removing", &leftover, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Org;
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gantry-compact-test-{}-{}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn org(id: &str, name: &str) -> Org {
+        Org { id: id.into(), name: name.into(), agent_limit: 5, agent_count: 0, suspended: false, created_at_ms: 0, retention_days: 0 }
+    }
+
+    fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(files_containing(&path, needle));
+            } else if std::fs::read(&path).unwrap().windows(needle.len()).any(|w| w == needle) {
+                found.push(path);
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn compaction_keeps_live_records_and_drops_the_bytes_of_removed_ones() {
+        let dir = tempdir();
+        {
+            let store = Store::create(&dir).unwrap();
+            store.create_org(&org("kept", "kept-name-3b1")).unwrap();
+            store.create_org(&org("gone", "gone-name-9f4")).unwrap();
+            store.orgs.remove("gone").unwrap();
+            store.durable().unwrap();
+        }
+        let done = compact(&dir).unwrap();
+        assert!(done.records >= 2, "{done:?}");
+        assert!(files_containing(&dir, b"gone-name-9f4").is_empty(), "the removed record's bytes are gone");
+        assert!(!dir.join(COMPACTING).exists() && !dir.join(COMPACTED).exists() && !dir.join(REPLACED).exists());
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.org("kept").unwrap().unwrap().name, "kept-name-3b1");
+        assert!(store.org("gone").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_interrupted_swap_is_finished_and_an_unfinished_copy_discarded() {
+        let dir = tempdir();
+        {
+            let store = Store::create(&dir).unwrap();
+            store.create_org(&org("acme", "acme")).unwrap();
+        }
+        // A complete copy waiting to replace the store, as a crash between the renames
+        // leaves it (the store itself already moved aside).
+        std::fs::rename(dir.join("store"), dir.join(REPLACED)).unwrap();
+        {
+            let old = sled::Config::new().path(dir.join(REPLACED)).open().unwrap();
+            let copy = sled::Config::new().path(dir.join(COMPACTED)).open().unwrap();
+            for name in old.tree_names() {
+                let (from, to) = (old.open_tree(&name).unwrap(), copy.open_tree(&name).unwrap());
+                for item in from.iter() {
+                    let (key, value) = item.unwrap();
+                    to.insert(key, value).unwrap();
+                }
+            }
+            copy.flush().unwrap();
+        }
+        std::fs::create_dir_all(dir.join(COMPACTING)).unwrap();
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.org("acme").unwrap().unwrap().id, "acme");
+        for leftover in [COMPACTING, COMPACTED, REPLACED] {
+            assert!(!dir.join(leftover).exists(), "{leftover} left behind");
+        }
+    }
+}

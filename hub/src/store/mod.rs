@@ -346,6 +346,7 @@ impl Store {
 
     /// Create or open the store under `dir/store`, writing the schema version if new.
     pub fn create(dir: &Path) -> Result<Store, Error> {
+        backup::finish_compaction(dir)?;
         let store = Store::open_raw(dir, DEFAULT_CACHE_BYTES)?;
         if store.meta.get("schema_version")?.is_none() {
             store.meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
@@ -362,6 +363,7 @@ impl Store {
 
     /// [`Store::open`] with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, Error> {
+        backup::finish_compaction(dir)?;
         if !Store::exists(dir) {
             return Err(Error::NotInitialised(dir.display().to_string()));
         }

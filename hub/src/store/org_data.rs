@@ -15,7 +15,9 @@
 //! invitations, webhook events, check revisions, settings, branding) its tree is opened
 //! here by name: sled hands back the same tree, and the key layouts are the ones documented
 //! in those modules. Kept, never touched: the ledger trees (`ledger_*`), subscriptions,
-//! invoices, the Stripe trees (`stripe_*`) and the audit log (`audit*`).
+//! invoices and the Stripe trees (`stripe_*`). The audit log keeps its entries, with the
+//! personal fields of the org's and its departing people's entries erased
+//! ([`Store::erase_audit_personal`]).
 
 use super::{decode, encode, ApiKey, Error, Store, Token, WebhookEvent};
 use serde::{Deserialize, Serialize};
@@ -209,7 +211,8 @@ impl Store {
     }
 
     /// Erase org `org`: every record the hub keeps for it except the ledger, closed
-    /// invoices, subscription, Stripe trees and audit log. Its agents must already be
+    /// invoices, subscription, Stripe trees and audit log, whose entries of the org (and of
+    /// its members who leave with it) lose their personal fields. Its agents must already be
     /// revoked and disconnected. Runs again safely after an interruption: the tombstone
     /// (written at confirmation, or here if there is none) stays unfinished until every
     /// step is done, and each step is durable before `after_step` is called with its name.
@@ -325,7 +328,28 @@ impl Store {
         step("settings")?;
         writing = Some(self.writing());
 
+        // The audit log keeps the org's entries and those of its people, with their
+        // personal fields (actor, client address, exec command lines) erased; the chain
+        // still verifies (see audit.rs). Before the accounts go, so an interrupted run
+        // still knows whose entries to erase when resumed.
         let members = self.members_of(org)?;
+        let mut leaving = Vec::new();
+        for member in &members {
+            let Some(user) = self.user_by_id(&member.user_id)? else { continue };
+            if !user.operator && !self.memberships_of(&user.id)?.iter().any(|m| m.org != org) {
+                leaving.push(user.email);
+            }
+        }
+        let (erased, kept) = self.erase_audit_personal(org, &leaving)?;
+        count("audit_entries_anonymised", erased);
+        // Kept entries are found again by every pass; count them once.
+        if kept > 0 && !tombstone.removed.contains_key("audit_entries_kept_as_written") {
+            count("audit_entries_kept_as_written", kept);
+        }
+        drop(writing.take());
+        step("audit")?;
+        writing = Some(self.writing());
+
         // People who were only in this org lose their account, sessions and keys; this runs
         // before their memberships go, so an interrupted run still finds them when resumed.
         for member in &members {

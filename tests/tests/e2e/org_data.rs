@@ -6,7 +6,9 @@
 //! disconnects its agent, answers 404 everywhere after, leaves none of its log text in
 //! any file of the hub's data directory and none of its ids, names or addresses in any
 //! store tree but the kept ones (ledger, invoices, subscription, Stripe, audit, the
-//! tombstone), and leaves the other org as it was. Wrong confirmations change nothing.
+//! tombstone), erases its people's emails, addresses and command lines from the audit log
+//! (which still verifies; after `gantry-hub compact` they are in no file of the data
+//! directory), and leaves the other org as it was. Wrong confirmations change nothing.
 //! `gantry-hub org export` downloads the same archive. An export's `from`/`to` bound the
 //! telemetry to [from, to). A deletion interrupted by SIGKILL is finished when the hub
 //! starts again.
@@ -468,6 +470,15 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     assert_eq!(still.iter().filter(|r| r["line"].as_str().unwrap_or("").starts_with(&alpha.marker)).count(), LINES);
     assert_eq!(count(&api, &format!("/api/v1/orgs/{org}/members"), "members").await, 1);
 
+    // A remote exec by the owner (on the agent's host) is audited with its command line,
+    // their email and their address.
+    let exec_marker = format!("EXEC-MARKER-{}", rand::random::<u64>());
+    let (code, body) = alpha.owner.post(&format!("/api/v1/agents/{}/exec", alpha.agent_id), &json!({ "command": ["echo", exec_marker] })).await;
+    assert_eq!((code, body["exit_code"].as_i64()), (200, Some(0)), "{body}");
+    let (_, before) = api.get(&format!("/api/v1/orgs/{org}/audit?limit=1000")).await;
+    let before = before.to_string();
+    assert!(before.contains(&exec_marker) && before.contains(&alpha.owner_email) && before.contains("127.0.0.1"), "the audit log shows who did what from where");
+
     let bravo_logs_before = api.all_records(&format!("/api/v1/orgs/{}/logs", bravo.org), &format!("&to={to}")).await.len();
     let audit_before =
         hub.hub.store.audit_entries(&gantry_hub::store::AuditFilter { org: Some(org.clone()), ..Default::default() }, 10_000).unwrap().entries.len();
@@ -551,8 +562,8 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     assert!(found.is_empty(), "{} still readable in {found:?}", alpha.marker);
     assert!(!files_containing(&hub.data, &bravo.marker).is_empty(), "the other org's logs are still stored");
 
-    // Ledger and audit entries are kept (they carry no personal data beyond the audit
-    // log's actors and addresses, which its hash chain keeps as they were).
+    // Ledger and audit entries are kept (the ledger carries no personal data; the audit
+    // entries lose theirs, below).
     let ledger = hub.hub.store.ledger_entries(Some(&org), i64::MIN, i64::MAX, None, 1000).unwrap();
     assert!(ledger.iter().any(|e| e.source.contains(&format!("{org}-c1"))), "ledger entries kept");
     for entry in &ledger {
@@ -565,6 +576,27 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     assert!(deletion.actor.starts_with("key:"), "{deletion:?}");
     assert!(audit.iter().any(|e| e.action == "POST /api/v1/orgs/{org}/deletion" && e.outcome == "201"));
     assert!(matches!(hub.hub.store.verify_audit().unwrap(), gantry_hub::store::AuditVerdict::Intact { .. }), "the audit chain is intact");
+    // ... with the personal fields of the org's entries (and of its departed owner's
+    // entries outside it) erased: no email, address or command line of theirs is readable.
+    assert!(deleted["removed"]["audit_entries_anonymised"].as_u64().unwrap() > 0, "{deleted}");
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (code, page) = api.get(&format!("/api/v1/audit?limit=1000{cursor}")).await;
+        assert_eq!(code, 200, "{page}");
+        all.extend(page["entries"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_u64() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    let text = serde_json::to_string(&all).unwrap();
+    assert!(!text.contains(&alpha.owner_email) && !text.contains(&exec_marker), "the deleted org's people are still named in the audit log");
+    for entry in all.iter().filter(|e| e["org"] == org.as_str() && e["seq"].as_u64() < Some(deletion.seq)) {
+        assert_eq!((entry["actor"].as_str(), entry["client_ip"].as_str()), (Some("[erased]"), None), "{entry}");
+        assert!(entry["action"].as_str().is_some_and(|a| !a.is_empty()) && entry.get("salt").is_none(), "what was done stays: {entry}");
+    }
+    assert!(all.iter().any(|e| e["org"] == org.as_str() && e["action"] == "POST /api/v1/agents/{id}/exec" && e["target"].get("command").is_none()));
 
     // The other org is untouched.
     assert_eq!(hub.agent(&bravo.agent_id).await["status"], "online");
@@ -580,7 +612,29 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     for needle in bravo.identifiers.iter().filter(|n| **n != bravo.marker) {
         assert!(!unkept_trees_containing(&hub.hub.store, needle).is_empty(), "{needle} of the other org is still stored");
     }
+    let data = hub.data.clone();
     hub.stop().await;
+
+    // sled may still hold erased records' old bytes in its log; `gantry-hub compact` on the
+    // stopped hub rewrites the store with only live records. After it, no file of the data
+    // directory holds the owner's email or the command line, and the chain still verifies.
+    let lingering = files_containing(&data, &alpha.owner_email);
+    eprintln!("before compaction the owner's email is in {} file(s) (old sled log bytes): {lingering:?}", lingering.len());
+    let (code, stdout, stderr) = hub_cli(&["compact", "--data", data.to_str().unwrap()], "").await;
+    assert_eq!(code, 0, "compact: {stdout} {stderr}");
+    assert!(stdout.contains("store compacted"), "{stdout}");
+    for needle in [&alpha.owner_email, &exec_marker] {
+        let found = files_containing(&data, needle);
+        assert!(found.is_empty(), "{needle} still readable in {found:?}");
+    }
+    assert!(!files_containing(&data, &bravo.owner_email).is_empty(), "the other org's owner is still stored");
+    let (code, stdout, stderr) = hub_cli(&["audit", "verify", "--data", data.to_str().unwrap()], "").await;
+    assert_eq!(code, 0, "audit verify: {stdout} {stderr}");
+    assert!(stdout.contains("audit chain intact"), "{stdout}");
+    // The compacted store serves: the other org is there.
+    let restarted = TestHub::start(&data, fast).await;
+    assert_eq!(restarted.api().get(&format!("/api/v1/orgs/{}", bravo.org)).await.0, 200);
+    restarted.stop().await;
 }
 
 /// A deletion cut short by SIGKILL after its confirmation was accepted (the org record
