@@ -492,21 +492,7 @@ mod tests {
     use gantry_shared::telemetry::{Event, LogLine, LogStream, Record};
     use std::path::PathBuf;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let dir = std::env::temp_dir().join(format!("gantry-collection-{name}-{}-{:x}", std::process::id(), rand::random::<u64>()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TempDir;
 
     fn records(outbox: &Outbox, class: StreamClass) -> Vec<Record> {
         outbox.spool().pending(class, 0, usize::MAX, usize::MAX).unwrap()

@@ -39,6 +39,11 @@ pub struct Config {
     /// On by default; without a reachable Docker the agent reports `docker.unavailable`
     /// once and keeps retrying.
     pub docker: crate::collector::docker::DockerConfig,
+    /// Serve the agent's own Prometheus metrics (session with the hub, spool backlog and
+    /// drops per class, process memory and CPU) at `http://ADDR/metrics`, e.g.
+    /// `"127.0.0.1:9465"`. Off by default. There is no authentication: bind it to loopback
+    /// or a private address. Env `GANTRY_METRICS_LISTEN`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How many bytes of each telemetry class the spool keeps while the hub is unreachable.
@@ -86,6 +91,7 @@ impl Default for Config {
             files: Default::default(),
             files_poll_ms: 500,
             docker: Default::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -105,6 +111,9 @@ impl Config {
         }
         if let Some(v) = env("GANTRY_HUB_ADDR") {
             config.hub_addr = Some(v);
+        }
+        if let Some(v) = env("GANTRY_METRICS_LISTEN") {
+            config.metrics_listen = Some(v.parse().map_err(|_| anyhow::anyhow!("GANTRY_METRICS_LISTEN must be an address and port, like 127.0.0.1:9465 (got {v:?})"))?);
         }
         if let Some(v) = state_dir_flag {
             config.state_dir = v;

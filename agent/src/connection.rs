@@ -17,6 +17,7 @@ use gantry_shared::telemetry::Severity;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -101,6 +102,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     outbox.event(agent_event("agent.started", Severity::Info, format!("agent {} started", env!("CARGO_PKG_VERSION")), vec![]));
     crate::collection::note_config(&outbox, &config);
+    let metrics = Arc::new(crate::metrics::AgentMetrics::default());
+    let _metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let server = crate::metrics::start(addr, metrics.clone(), outbox.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("serving metrics on {addr} (metrics_listen): {e}"))?;
+            info!(addr = %server.addr, "serving Prometheus metrics at /metrics");
+            Some(server)
+        }
+        None => None,
+    };
     let (collectors_stop, collectors_stopped) = tokio::sync::watch::channel(false);
     let collectors = crate::collection::spawn_all(&config, outbox.clone(), collectors_stopped.clone());
     let (deployer, deployer_task) =
@@ -111,13 +123,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let origin = Instant::now();
     let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
     let mut failures: u64 = 0;
-    let workers = Workers { outbox: &outbox, deployer: &deployer, checks: &checks };
+    let workers = Workers { outbox: &outbox, deployer: &deployer, checks: &checks, metrics: &metrics };
     tokio::pin!(shutdown);
     loop {
         let ended = tokio::select! {
             ended = connect_once(&config, &state, &identity, &hub_addr, origin, &mut endpoint, &workers) => ended,
             _ = &mut shutdown => Ended::Shutdown,
         };
+        metrics.session_ended(!matches!(&ended, Ended::Lost { established: false, .. }));
         match ended {
             Ended::Shutdown => break,
             Ended::Fatal(error) => {
@@ -206,6 +219,7 @@ struct Workers<'a> {
     outbox: &'a Outbox,
     deployer: &'a crate::deployer::Deployer,
     checks: &'a crate::checks::Checks,
+    metrics: &'a crate::metrics::AgentMetrics,
 }
 
 async fn connect_once(
@@ -300,7 +314,7 @@ async fn session(
     mut renew_at: i64,
     workers: &Workers<'_>,
 ) -> Ended {
-    let Workers { outbox, deployer, checks } = *workers;
+    let Workers { outbox, deployer, checks, metrics } = *workers;
     let mut senders = tokio::task::JoinSet::new();
     let mut reports = deployer.subscribe();
     // Support actions run in tasks of their own (ended with the session) and hand their
@@ -335,6 +349,7 @@ async fn session(
             match event {
                 SessionEvent::Established { version, .. } => {
                     established = true;
+                    metrics.session_established();
                     reports_spool = version >= gantry_shared::SPOOL_STATE_VERSION;
                     info!(version, "connected to hub");
                     // Tell the hub where every deployment stands (it may have missed reports).

@@ -16,11 +16,14 @@ pub mod deployer;
 pub mod deregister;
 pub mod enroll;
 pub mod facts;
+pub mod metrics;
 pub mod preflight;
 pub mod spool;
 pub mod state;
 pub mod support;
 pub mod telemetry;
+#[cfg(test)]
+mod test_dir;
 pub mod tls;
 pub mod wire;
 

@@ -1209,24 +1209,7 @@ mod tests {
     use gantry_shared::telemetry::{Event, LogLine, LogStream, Sample, Severity};
     use std::collections::BTreeSet;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let dir = std::env::temp_dir().join(format!("gantry-spool-{name}-{}-{:x}", std::process::id(), rand::random::<u64>()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TempDir;
 
     fn log(n: u64, len: usize) -> (i64, RecordBody) {
         let mut line = format!("line {n} ");

@@ -10,22 +10,7 @@ use gantry_shared::checks::Probe;
 use gantry_shared::telemetry::Event;
 use std::time::Duration;
 
-/// A state directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("gantry-checks-{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_dir::TempDir;
 
 fn spool(dir: &Path) -> Outbox {
     Outbox::new(Spool::open(&dir.join("spool"), SpoolConfig::default()).unwrap().0)

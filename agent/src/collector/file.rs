@@ -949,25 +949,7 @@ mod tests {
     use std::fs::OpenOptions;
     use std::io::Write;
 
-    /// A temporary directory, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let dir = std::env::temp_dir().join(format!("gantry-collector-{name}-{}-{:016x}", std::process::id(), rand::random::<u64>()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TempDir;
 
     fn config(paths: &[&Path]) -> FileSourceConfig {
         FileSourceConfig { paths: paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(), ..FileSourceConfig::default() }
@@ -996,7 +978,7 @@ mod tests {
     #[test]
     fn appended_lines_are_returned_once_with_their_source() {
         let dir = TempDir::new("basic");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"one\ntwo\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         let polled = tailer.poll(1_000, 100).unwrap();
@@ -1012,7 +994,7 @@ mod tests {
     #[test]
     fn a_missing_file_is_no_error_and_is_read_once_it_appears() {
         let dir = TempDir::new("missing");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert!(poll(&mut tailer, 1_000).is_empty());
         append(&log, b"hello\n");
@@ -1022,7 +1004,7 @@ mod tests {
     #[test]
     fn max_lines_bounds_a_poll_and_the_checkpoint_covers_exactly_what_was_returned() {
         let dir = TempDir::new("budget");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"1\n2\n3\n4\n5\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         let first = tailer.poll(1_000, 2).unwrap();
@@ -1038,7 +1020,7 @@ mod tests {
     #[test]
     fn a_partial_line_is_held_back_until_its_newline() {
         let dir = TempDir::new("partial");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"hel");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert!(poll(&mut tailer, 1_000).is_empty());
@@ -1052,7 +1034,7 @@ mod tests {
     #[test]
     fn crlf_endings_lose_their_carriage_return() {
         let dir = TempDir::new("crlf");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"a\r\nb\r\n\r\nc\rd\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert_eq!(poll(&mut tailer, 1_000), ["a", "b", "", "c\rd"]);
@@ -1061,7 +1043,7 @@ mod tests {
     #[test]
     fn long_lines_are_split_the_same_however_they_arrive() {
         let dir = TempDir::new("long");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let cfg = FileSourceConfig { max_line_bytes: 10, read_chunk_bytes: 1, ..config(&[&log]) };
         let text = format!("{}\n{}\n{}\r\n{}\n{}\nshort\n", "x".repeat(25), "y".repeat(10), "z".repeat(10), "w".repeat(11), "a".to_string() + &"é".repeat(6));
         let expected = ["xxxxxxxxxx", "xxxxxxxxxx", "xxxxx", "yyyyyyyyyy", "zzzzzzzzzz", "wwwwwwwwww", "w", "aéééé", "éé", "short"];
@@ -1075,7 +1057,7 @@ mod tests {
         assert_eq!(got, expected);
 
         // The same bytes, a few at a time, with a restart between every write.
-        let log2 = dir.path("trickle.log");
+        let log2 = dir.join("trickle.log");
         let cfg2 = FileSourceConfig { paths: vec![log2.to_string_lossy().into_owned()], ..cfg };
         let mut checkpoint = Vec::new();
         let mut got = Vec::new();
@@ -1092,7 +1074,7 @@ mod tests {
     #[test]
     fn invalid_utf8_is_replaced() {
         let dir = TempDir::new("utf8");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"ok\xff\xfebad\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert_eq!(poll(&mut tailer, 1_000), ["ok\u{FFFD}\u{FFFD}bad"]);
@@ -1101,7 +1083,7 @@ mod tests {
     #[test]
     fn a_restart_resumes_exactly_after_the_checkpoint() {
         let dir = TempDir::new("restart");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"1\n2\n3\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         let polled = tailer.poll(1_000, 100).unwrap();
@@ -1117,7 +1099,7 @@ mod tests {
     #[test]
     fn an_unreadable_checkpoint_starts_fresh() {
         let dir = TempDir::new("badcp");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"1\n");
         for bad in [&b"garbage"[..], b"{\"version\":99,\"sources\":[]}", b""] {
             let mut tailer = FileTailer::new(config(&[&log]), Some(bad)).unwrap();
@@ -1128,14 +1110,14 @@ mod tests {
     #[test]
     fn rename_and_create_reads_the_old_file_to_its_end_then_the_new_one() {
         let dir = TempDir::new("rename");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         writer.write_all(b"old1\nold2\n").unwrap();
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert_eq!(poll(&mut tailer, 1_000), ["old1", "old2"]);
 
         writer.write_all(b"old3\n").unwrap();
-        std::fs::rename(&log, dir.path("app.log.1")).unwrap();
+        std::fs::rename(&log, dir.join("app.log.1")).unwrap();
         append(&log, b"new1\n");
         writer.write_all(b"old4\n").unwrap(); // the writer has not reopened yet
         let polled = tailer.poll(2_000, 100).unwrap();
@@ -1155,7 +1137,7 @@ mod tests {
     #[test]
     fn rename_and_create_across_a_restart() {
         let dir = TempDir::new("rename-restart");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"a1\na2\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         let polled = tailer.poll(1_000, 100).unwrap();
@@ -1163,7 +1145,7 @@ mod tests {
         drop(tailer);
 
         append(&log, b"a3\n");
-        std::fs::rename(&log, dir.path("app.log.1")).unwrap();
+        std::fs::rename(&log, dir.join("app.log.1")).unwrap();
         append(&log, b"b1\n");
         let mut tailer = FileTailer::new(config(&[&log]), Some(&polled.checkpoint)).unwrap();
         let draining = tailer.poll(2_000, 100).unwrap();
@@ -1172,7 +1154,7 @@ mod tests {
 
         // Restart again while the old file is still being drained.
         drop(tailer);
-        append(&dir.path("app.log.1"), b"a4\n");
+        append(&dir.join("app.log.1"), b"a4\n");
         let mut tailer = FileTailer::new(config(&[&log]), Some(&draining.checkpoint)).unwrap();
         assert_eq!(poll(&mut tailer, 3_000), ["a4"]);
         assert_eq!(poll(&mut tailer, 2_000 + ROTATE_WAIT_MS), ["b1"]);
@@ -1183,15 +1165,15 @@ mod tests {
     #[test]
     fn a_rotated_file_deleted_while_stopped_is_reported_and_the_new_file_read_from_its_start() {
         let dir = TempDir::new("rename-deleted");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         append(&log, b"a1\n");
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         let polled = tailer.poll(1_000, 100).unwrap();
         drop(tailer);
         append(&log, b"a2\n");
-        std::fs::rename(&log, dir.path("app.log.1")).unwrap();
+        std::fs::rename(&log, dir.join("app.log.1")).unwrap();
         append(&log, b"b1\n");
-        std::fs::remove_file(dir.path("app.log.1")).unwrap();
+        std::fs::remove_file(dir.join("app.log.1")).unwrap();
         let mut tailer = FileTailer::new(config(&[&log]), Some(&polled.checkpoint)).unwrap();
         let polled = tailer.poll(2_000, 100).unwrap();
         assert_eq!(texts(&polled), ["b1"]);
@@ -1208,26 +1190,26 @@ mod tests {
     #[test]
     fn copytruncate_starts_over_without_duplicates() {
         let dir = TempDir::new("copytruncate");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         writer.write_all(b"l1\nl2\n").unwrap();
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert_eq!(poll(&mut tailer, 1_000), ["l1", "l2"]);
 
         // Shorter than before when polled.
-        copy_truncate(&log, &dir.path("app.log.1"));
+        copy_truncate(&log, &dir.join("app.log.1"));
         writer.write_all(b"l3\n").unwrap();
         assert_eq!(poll(&mut tailer, 2_000), ["l3"]);
 
         // Already longer than before when polled: noticed by the fingerprint.
-        copy_truncate(&log, &dir.path("app.log.2"));
+        copy_truncate(&log, &dir.join("app.log.2"));
         writer.write_all(b"l4 is a longer line\n").unwrap();
         assert_eq!(poll(&mut tailer, 3_000), ["l4 is a longer line"]);
 
         // While stopped.
         let checkpoint = tailer.checkpoint().unwrap();
         drop(tailer);
-        copy_truncate(&log, &dir.path("app.log.3"));
+        copy_truncate(&log, &dir.join("app.log.3"));
         writer.write_all(b"l5 is an even longer line\n").unwrap();
         let mut tailer = FileTailer::new(config(&[&log]), Some(&checkpoint)).unwrap();
         assert_eq!(poll(&mut tailer, 4_000), ["l5 is an even longer line"]);
@@ -1237,14 +1219,14 @@ mod tests {
     #[test]
     fn a_file_truncated_then_renamed_before_a_poll_is_read_from_its_start() {
         let dir = TempDir::new("truncate-rename");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         writer.write_all(b"l1\nl2\n").unwrap();
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
         assert_eq!(poll(&mut tailer, 1_000), ["l1", "l2"]);
-        copy_truncate(&log, &dir.path("app.log.copy"));
+        copy_truncate(&log, &dir.join("app.log.copy"));
         writer.write_all(b"l3\n").unwrap();
-        std::fs::rename(&log, dir.path("app.log.1")).unwrap();
+        std::fs::rename(&log, dir.join("app.log.1")).unwrap();
         append(&log, b"n1\n");
         assert_eq!(poll(&mut tailer, 2_000), ["l3"]);
         assert_eq!(poll(&mut tailer, 2_000 + ROTATE_WAIT_MS), ["n1"]);
@@ -1260,7 +1242,7 @@ mod tests {
     /// Ten lines, read; five more, unread; then a copytruncate into `app.log.1`. The
     /// tailer, its checkpoint from before the copytruncate, and the five unread lines.
     fn copytruncate_with_unread_lines(dir: &TempDir, writer: &mut File) -> (FileTailer, Vec<u8>, Vec<String>) {
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let (read, read_lines) = numbered("old", 0..10);
         writer.write_all(&read).unwrap();
         let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
@@ -1268,14 +1250,14 @@ mod tests {
         let checkpoint = tailer.checkpoint().unwrap();
         let (unread, unread_lines) = numbered("old", 10..15);
         writer.write_all(&unread).unwrap();
-        copy_truncate(&log, &dir.path("app.log.1"));
+        copy_truncate(&log, &dir.join("app.log.1"));
         (tailer, checkpoint, unread_lines)
     }
 
     #[test]
     fn copytruncate_reads_the_unread_rest_from_the_copy_first() {
         let dir = TempDir::new("copy-unread");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         let (mut tailer, _, unread) = copytruncate_with_unread_lines(&dir, &mut writer);
         let (new, new_lines) = numbered("new", 0..3);
@@ -1290,7 +1272,7 @@ mod tests {
     #[test]
     fn copytruncate_while_stopped_reads_the_unread_rest_from_the_copy_first() {
         let dir = TempDir::new("copy-restart");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         let (tailer, checkpoint, unread) = copytruncate_with_unread_lines(&dir, &mut writer);
         drop(tailer);
@@ -1316,7 +1298,7 @@ mod tests {
     #[test]
     fn copytruncate_noticed_by_the_fingerprint_reads_the_unread_rest_from_the_copy_first() {
         let dir = TempDir::new("copy-fingerprint");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         let (mut tailer, checkpoint, unread) = copytruncate_with_unread_lines(&dir, &mut writer);
         // More than was read before: the size alone does not show the truncation.
@@ -1334,7 +1316,7 @@ mod tests {
     fn a_poll_between_the_copy_and_the_truncation_reads_no_line_twice() {
         for budget in [2, usize::MAX] {
             let dir = TempDir::new("copy-race");
-            let log = dir.path("app.log");
+            let log = dir.join("app.log");
             let mut writer = open_append(&log);
             let (read, read_lines) = numbered("old", 0..10);
             writer.write_all(&read).unwrap();
@@ -1342,7 +1324,7 @@ mod tests {
             assert_eq!(poll(&mut tailer, 1_000), read_lines);
             let (unread, unread_lines) = numbered("old", 10..15);
             writer.write_all(&unread).unwrap();
-            std::fs::copy(&log, dir.path("app.log.1")).unwrap();
+            std::fs::copy(&log, dir.join("app.log.1")).unwrap();
             // Polled after the copy, before the truncation: the file looks unchanged.
             let part = tailer.poll(2_000, budget).unwrap();
             let done = budget.min(unread_lines.len());
@@ -1359,10 +1341,10 @@ mod tests {
     #[test]
     fn without_a_copy_a_truncated_file_is_read_from_its_start_and_the_loss_reported() {
         let dir = TempDir::new("copy-none");
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let mut writer = open_append(&log);
         let (mut tailer, checkpoint, _) = copytruncate_with_unread_lines(&dir, &mut writer);
-        std::fs::remove_file(dir.path("app.log.1")).unwrap();
+        std::fs::remove_file(dir.join("app.log.1")).unwrap();
         let (new, new_lines) = numbered("new", 0..3);
         writer.write_all(&new).unwrap();
         let polled = tailer.poll(2_000, 100).unwrap();
@@ -1392,8 +1374,8 @@ mod tests {
     #[test]
     fn the_most_recently_modified_copy_is_read_and_never_a_source_or_another_file() {
         let dir = TempDir::new("copy-choice");
-        let log = dir.path("app.log");
-        let pattern = dir.path("*.log");
+        let log = dir.join("app.log");
+        let pattern = dir.join("*.log");
         let source = log.to_string_lossy().into_owned();
         let mut writer = open_append(&log);
         let (read, _) = numbered("old", 0..10);
@@ -1406,13 +1388,13 @@ mod tests {
         // Decoys starting the same way: an older look-alike, one the pattern matches, one
         // too short, a symlink to the real copy.
         let older = [read.clone(), b"stale 1\nstale 2\nstale 3\nstale 4\nstale 5\nstale 6\n".to_vec()].concat();
-        std::fs::write(dir.path("app.log.0"), &older).unwrap();
+        std::fs::write(dir.join("app.log.0"), &older).unwrap();
         let an_hour_ago = SystemTime::now() - std::time::Duration::from_secs(3_600);
-        File::options().write(true).open(dir.path("app.log.0")).unwrap().set_modified(an_hour_ago).unwrap();
-        std::fs::write(dir.path("app.log.short"), &read[..read.len() - 1]).unwrap();
-        copy_truncate(&log, &dir.path("app.log.1"));
-        std::os::unix::fs::symlink(dir.path("app.log.1"), dir.path("app.log.link")).unwrap();
-        std::fs::write(dir.path("app-copy.log"), [read.clone(), unread.clone()].concat()).unwrap();
+        File::options().write(true).open(dir.join("app.log.0")).unwrap().set_modified(an_hour_ago).unwrap();
+        std::fs::write(dir.join("app.log.short"), &read[..read.len() - 1]).unwrap();
+        copy_truncate(&log, &dir.join("app.log.1"));
+        std::os::unix::fs::symlink(dir.join("app.log.1"), dir.join("app.log.link")).unwrap();
+        std::fs::write(dir.join("app-copy.log"), [read.clone(), unread.clone()].concat()).unwrap();
         writer.write_all(b"new\n").unwrap();
 
         let polled = tailer.poll(2_000, 100).unwrap();
@@ -1420,7 +1402,7 @@ mod tests {
         let of = |source: &str| polled.lines.iter().filter(|(_, l)| l.source == source).map(|(_, l)| l.line.clone()).collect::<Vec<_>>();
         assert_eq!(of(&source), [unread_lines, vec!["new".to_string()]].concat());
         // The copy the pattern matches is a source of its own, read once from its start.
-        assert_eq!(of(&dir.path("app-copy.log").to_string_lossy()).len(), 15);
+        assert_eq!(of(&dir.join("app-copy.log").to_string_lossy()).len(), 15);
         assert_eq!(polled.lines.len(), 6 + 15);
     }
 
@@ -1428,15 +1410,15 @@ mod tests {
     fn a_replaced_file_is_reported_only_if_something_of_it_was_returned() {
         for read_first in [false, true] {
             let dir = TempDir::new("replaced");
-            let log = dir.path("app.log");
+            let log = dir.join("app.log");
             append(&log, b"a1 is a line\n");
             let mut tailer = FileTailer::new(config(&[&log]), None).unwrap();
             let polled = tailer.poll(1_000, usize::from(read_first)).unwrap();
             assert_eq!(polled.lines.len(), usize::from(read_first));
             drop(tailer);
             // Renamed away, then rewritten in place: no longer the file that was seen.
-            std::fs::rename(&log, dir.path("app.log.1")).unwrap();
-            std::fs::write(dir.path("app.log.1"), b"zz\n").unwrap();
+            std::fs::rename(&log, dir.join("app.log.1")).unwrap();
+            std::fs::write(dir.join("app.log.1"), b"zz\n").unwrap();
             append(&log, b"b1\n");
             let mut tailer = FileTailer::new(config(&[&log]), Some(&polled.checkpoint)).unwrap();
             let polled = tailer.poll(2_000, 100).unwrap();
@@ -1453,21 +1435,21 @@ mod tests {
     #[test]
     fn wildcards_pick_up_new_files_and_forget_deleted_ones() {
         let dir = TempDir::new("glob");
-        let a = dir.path("a.log");
-        let pattern = dir.path("*.log");
+        let a = dir.join("a.log");
+        let pattern = dir.join("*.log");
         append(&a, b"a1\n");
         let mut tailer = FileTailer::new(config(&[&pattern]), None).unwrap();
         let polled = tailer.poll(1_000, 100).unwrap();
         assert_eq!(texts(&polled), ["a1"]);
         assert_eq!(polled.lines[0].1.source, a.to_string_lossy());
 
-        append(&dir.path("b.log"), b"b1\n");
-        append(&dir.path("c.txt"), b"c1\n");
-        append(&dir.path(".hidden.log"), b"h1\n");
-        std::fs::create_dir(dir.path("sub.log")).unwrap();
+        append(&dir.join("b.log"), b"b1\n");
+        append(&dir.join("c.txt"), b"c1\n");
+        append(&dir.join(".hidden.log"), b"h1\n");
+        std::fs::create_dir(dir.join("sub.log")).unwrap();
         let polled = tailer.poll(2_000, 100).unwrap();
         assert_eq!(texts(&polled), ["b1"]);
-        assert_eq!(polled.lines[0].1.source, dir.path("b.log").to_string_lossy());
+        assert_eq!(polled.lines[0].1.source, dir.join("b.log").to_string_lossy());
 
         // Deleted while still open for writing: what remains is read, then it is forgotten.
         let mut writer = open_append(&a);
@@ -1489,7 +1471,7 @@ mod tests {
     #[test]
     fn checkpoints_of_files_no_longer_configured_are_dropped() {
         let dir = TempDir::new("reconfigured");
-        let (a, b) = (dir.path("a.log"), dir.path("b.log"));
+        let (a, b) = (dir.join("a.log"), dir.join("b.log"));
         append(&a, b"a1\n");
         append(&b, b"b1\n");
         let mut tailer = FileTailer::new(config(&[&a, &b]), None).unwrap();
@@ -1549,7 +1531,7 @@ mod tests {
     fn run_scenario(seed: u64) -> u32 {
         let mut rng = StdRng::seed_from_u64(seed);
         let dir = TempDir::new(&format!("prop-{seed}"));
-        let log = dir.path("app.log");
+        let log = dir.join("app.log");
         let source = log.to_string_lossy().into_owned();
         let mut cfg = config(&[&log]);
         if seed % 2 == 1 {
@@ -1632,9 +1614,9 @@ mod tests {
                 }
                 80..=91 if switch_after.is_none() && settled => {
                     for i in (1..=renames).rev() {
-                        std::fs::rename(dir.path(&format!("app.log.{i}")), dir.path(&format!("app.log.{}", i + 1))).unwrap();
+                        std::fs::rename(dir.join(&format!("app.log.{i}")), dir.join(&format!("app.log.{}", i + 1))).unwrap();
                     }
-                    std::fs::rename(&log, dir.path("app.log.1")).unwrap();
+                    std::fs::rename(&log, dir.join("app.log.1")).unwrap();
                     File::create(&log).unwrap();
                     renames += 1;
                     settled = false;
@@ -1651,7 +1633,7 @@ mod tests {
                     if (received.len() as u64) < written {
                         unread_copies += 1;
                     }
-                    copy_truncate(&log, &dir.path(&format!("copy.{copies}")));
+                    copy_truncate(&log, &dir.join(&format!("copy.{copies}")));
                     settled = false;
                     seen = false;
                     log_of_ops.push("copytruncate");

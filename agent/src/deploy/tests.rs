@@ -13,26 +13,10 @@ use bollard::Docker;
 use gantry_shared::deploy::{DeploymentSpec, LABEL_DEPLOYMENT, LABEL_REVISION, LABEL_SERVICE};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-/// A state directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("gantry-deploy-{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_dir::TempDir;
 
 /// Removes every container of a deployment when dropped, even when the test fails.
 struct Cleanup(String);

@@ -457,6 +457,15 @@ fn agent_helm_chart_renders() {
     assert_eq!(env_var(&pod["containers"][0], "GANTRY_TOKEN")["valueFrom"]["secretKeyRef"]["name"], "fleet-token");
     let paths: Vec<&str> = pod["volumes"].as_array().unwrap().iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
     assert_eq!(paths, ["/var/lib/gantry-agent", "/var/log"]);
+    assert!(pod["containers"][0]["env"].as_array().unwrap().iter().all(|e| e["name"] != "GANTRY_METRICS_LISTEN"), "metrics are off by default");
+
+    // Metrics on: the agent listens on the node's port and the pod says where to scrape.
+    let values = json!({ "enrollment": { "token": "gt1_example" }, "metrics": { "enabled": true, "port": 9555 } });
+    let documents = helm_render("gantry-agent", &values).unwrap();
+    let template = &of_kind(&documents, "DaemonSet")[0]["spec"]["template"];
+    assert_eq!(env_var(&template["spec"]["containers"][0], "GANTRY_METRICS_LISTEN")["value"], "0.0.0.0:9555");
+    let annotations = &template["metadata"]["annotations"];
+    assert_eq!((&annotations["prometheus.io/scrape"], &annotations["prometheus.io/port"]), (&json!("true"), &json!("9555")), "{annotations}");
 
     let error = helm_render("gantry-agent", &json!({})).unwrap_err();
     assert!(error.contains("enrollment.token"), "{error}");
@@ -579,15 +588,39 @@ fn example_configs_show_and_document_every_option() {
 }
 
 /// Metric names in PromQL text: every `gantry_...` word.
+/// The Gantry and process metrics an expression reads.
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for (at, _) in expr.match_indices("gantry_") {
-        if at > 0 && expr[..at].chars().last().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-            continue;
+    for prefix in ["gantry_", "process_"] {
+        for (at, _) in expr.match_indices(prefix) {
+            if at > 0 && expr[..at].chars().last().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            names.insert(expr[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect());
         }
-        names.insert(expr[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect());
     }
     names
+}
+
+/// The metric names an exposition declares with `# TYPE`.
+fn exported(exposition: &str) -> BTreeSet<String> {
+    exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
+}
+
+/// A loopback address with a free TCP port.
+fn free_local_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
+}
+
+/// `curl` against `url` with extra arguments: (status line, whole output).
+fn curl(url: &str, args: &[&str]) -> (String, String) {
+    let mut all = vec!["-sS", "--max-time", "10", "-i"];
+    all.extend_from_slice(args);
+    all.push(url);
+    let out = run("curl", &all, "curl");
+    assert!(out.status.success(), "curl {url}: {}", text(&out.stderr));
+    let body = text(&out.stdout);
+    (body.lines().next().unwrap_or("").trim().to_string(), body)
 }
 
 fn queries(dashboard: &Value, out: &mut Vec<String>) {
@@ -610,22 +643,37 @@ async fn grafana_dashboards_query_only_exported_metrics() {
     let token = hub.token("acme", 1, "10m").await;
     let state = dir.path().join("agent");
     let id = enroll(&token, &state).await.unwrap();
-    let agent = InProcessAgent::start(&state);
+    let metrics_addr = free_local_addr();
+    let agent = InProcessAgent::start_with(gantry_agent::config::Config {
+        state_dir: state.clone(),
+        metrics_listen: Some(metrics_addr),
+        ..gantry_agent::config::Config::default()
+    });
     hub.wait_status(&id, "online", Duration::from_secs(30)).await;
     let api = hub.api();
-    let exposition = wait_for(Duration::from_secs(30), "heartbeats counted at /metrics", || async {
+    let hub_exposition = wait_for(Duration::from_secs(30), "heartbeats counted at /metrics", || async {
         let (status, _, body) = api.send("GET", "/metrics", None, Vec::new()).await;
         assert_eq!(status, 200);
         let heartbeats = body.lines().find_map(|l| l.strip_prefix("gantry_heartbeats_total ")).and_then(|v| v.parse::<f64>().ok());
         (heartbeats > Some(0.0) && body.contains("gantry_agents_connected 1")).then_some(body)
     })
     .await;
-    let exported: BTreeSet<String> =
-        exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect();
-    assert!(exported.len() > 20, "{exported:?}");
+    let url = format!("http://{metrics_addr}/metrics");
+    let agent_exposition = wait_for(Duration::from_secs(30), "the agent's own /metrics showing its session", || async {
+        let (status, body) = curl(&url, &[]);
+        (status.contains("200") && body.contains("gantry_agent_connected 1")).then_some(body)
+    })
+    .await;
 
     let mut uids = BTreeSet::new();
-    for file in ["dashboards/grafana/gantry-hub.json", "dashboards/grafana/gantry-agents.json"] {
+    let sources = [
+        ("dashboards/grafana/gantry-hub.json", "the hub", &hub_exposition),
+        ("dashboards/grafana/gantry-agents.json", "the hub", &hub_exposition),
+        ("dashboards/grafana/gantry-agent.json", "the agent", &agent_exposition),
+    ];
+    for (file, source, exposition) in sources {
+        let exported = exported(exposition);
+        assert!(exported.len() > 10, "{source}: {exported:?}");
         let dashboard: Value = serde_json::from_str(&read(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(uids.insert(dashboard["uid"].as_str().unwrap().to_string()), "{file}: uid taken");
         let mut exprs = Vec::new();
@@ -645,8 +693,60 @@ async fn grafana_dashboards_query_only_exported_metrics() {
             used.extend(names);
         }
         let unknown: Vec<&String> = used.difference(&exported).collect();
-        assert!(unknown.is_empty(), "{file} queries metrics the hub does not export: {unknown:?}");
+        assert!(unknown.is_empty(), "{file} queries metrics {source} does not export: {unknown:?}");
     }
     agent.stop().await.unwrap();
     hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_own_metrics_to_prometheus_clients() {
+    let dir = TempDir::new("agent-metrics");
+    let hub = TestHub::start(&dir.path().join("hub"), |_| {}).await;
+    hub.create_org("acme", 5).await;
+    let token = hub.token("acme", 1, "10m").await;
+    let state = dir.path().join("agent");
+    let id = enroll(&token, &state).await.unwrap();
+    let log = dir.path().join("app.log");
+    std::fs::write(&log, "one\ntwo\nthree\n").unwrap();
+    let metrics_addr = free_local_addr();
+    let mut config = gantry_agent::config::Config { state_dir: state.clone(), metrics_listen: Some(metrics_addr), ..gantry_agent::config::Config::default() };
+    config.files.paths = vec![log.display().to_string()];
+    config.docker.enabled = false;
+    let agent = InProcessAgent::start_with(config);
+    hub.wait_status(&id, "online", Duration::from_secs(30)).await;
+    let url = format!("http://{metrics_addr}/metrics");
+    let value = |body: &str, series: &str| -> Option<f64> { body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()) };
+    // The three file lines are spooled, then acknowledged by the hub: both counters say so.
+    let body = wait_for(Duration::from_secs(30), "the agent's log lines acknowledged at its /metrics", || async {
+        let (status, body) = curl(&url, &[]);
+        assert!(status.contains("200"), "{status}");
+        (value(&body, "gantry_agent_records_acknowledged_total{class=\"logs\"}") >= Some(3.0)).then_some(body)
+    })
+    .await;
+    assert!(body.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{body}");
+    assert_eq!(value(&body, "gantry_agent_connected"), Some(1.0));
+    assert!(value(&body, "gantry_agent_sessions_established_total") >= Some(1.0));
+    assert!(value(&body, "gantry_agent_records_spooled_total{class=\"logs\"}") >= Some(3.0));
+    assert!(value(&body, "gantry_agent_spool_cap_bytes{class=\"logs\"}") > Some(0.0));
+    assert!(value(&body, "process_resident_memory_bytes") > Some(1e6));
+    assert!(body.contains(&format!("gantry_agent_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
+    // Only /metrics, only GET and HEAD; HEAD has no body.
+    assert!(curl(&format!("http://{metrics_addr}/"), &[]).0.contains("404"));
+    assert!(curl(&url, &["-X", "POST"]).0.contains("405"));
+    let (status, head) = curl(&url, &["-I"]);
+    assert!(status.contains("200") && !head.contains("# TYPE"), "{head}");
+    // When the hub goes away the agent says so.
+    hub.stop().await;
+    wait_for(Duration::from_secs(30), "gantry_agent_connected 0 after the hub stopped", || async {
+        let (_, body) = curl(&url, &[]);
+        (value(&body, "gantry_agent_connected") == Some(0.0)).then_some(())
+    })
+    .await;
+    agent.stop().await.unwrap();
+    // A taken address is a clear start-up error, not a silent agent without metrics.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = gantry_agent::config::Config { state_dir: state, metrics_listen: Some(taken.local_addr().unwrap()), ..gantry_agent::config::Config::default() };
+    let error = InProcessAgent::start_with(config).stop().await.expect_err("the agent must not start on a taken metrics address");
+    assert!(error.to_string().contains("metrics_listen"), "{error}");
 }
