@@ -402,7 +402,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if let Some(org) = org {
                 path.push_str(&format!("&org={}", query_value(&org)));
             }
-            let (status, bytes) = http_request("GET", &remote.url, &path, &remote.key()?, None).await?;
+            let (status, bytes) = http_request("GET", &remote.url, &path, &remote.key()?, None, ANSWER_WAIT).await?;
             if !status.is_success() {
                 let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
                 anyhow::bail!("hub answered {status}: {}", value["error"]["message"].as_str().unwrap_or("no details"));
@@ -444,10 +444,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::RotateKey { no_reencrypt, reencrypt_only, remote } => {
             let key = remote.key()?;
             let reply = if reencrypt_only {
-                http_json("POST", &remote.url, "/api/v1/secrets-key/reencrypt", &key, None).await?
+                http_json_within("POST", &remote.url, "/api/v1/secrets-key/reencrypt", &key, None, REENCRYPT_WAIT).await?
             } else {
                 let body = serde_json::json!({ "reencrypt": !no_reencrypt });
-                let reply = http_json("POST", &remote.url, "/api/v1/secrets-key/rotate", &key, Some(&body)).await?;
+                let reply = http_json_within("POST", &remote.url, "/api/v1/secrets-key/rotate", &key, Some(&body), REENCRYPT_WAIT).await?;
                 println!("secrets key version {} is now current", reply["version"]);
                 reply
             };
@@ -506,7 +506,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
 
 /// Call the hub's API with an optional JSON body; the parsed reply, or the API's error.
 pub async fn http_json(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>) -> anyhow::Result<serde_json::Value> {
-    let (status, bytes) = http_request(method, base, path, bearer, body).await?;
+    http_json_within(method, base, path, bearer, body, ANSWER_WAIT).await
+}
+
+/// [`http_json`] for a call that may take up to `wait` before the hub answers.
+async fn http_json_within(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>, wait: Duration) -> anyhow::Result<serde_json::Value> {
+    let (status, bytes) = http_request(method, base, path, bearer, body, wait).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
         let message = value["error"]["message"].as_str().unwrap_or("no details");
@@ -520,6 +525,12 @@ fn query_value(text: &str) -> String {
     text.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { char::from(b).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
+/// How long a CLI call waits for the hub's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(15);
+/// How long `rotate-key` waits: the hub answers when every value is re-encrypted, which on
+/// a large store (or with `reencrypt_pause_ms`) takes minutes.
+const REENCRYPT_WAIT: Duration = Duration::from_secs(3600);
+
 /// Call the hub's API with an optional JSON body; the status and the raw reply.
 async fn http_request(
     method: &str,
@@ -527,6 +538,7 @@ async fn http_request(
     path: &str,
     bearer: &str,
     body: Option<&serde_json::Value>,
+    wait: Duration,
 ) -> anyhow::Result<(hyper::StatusCode, bytes::Bytes)> {
     use http_body_util::{BodyExt, Full};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
@@ -542,9 +554,9 @@ async fn http_request(
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {bearer}"))
         .body(Full::new(bytes::Bytes::from(bytes)))?;
-    let response = tokio::time::timeout(Duration::from_secs(15), client.request(request))
+    let response = tokio::time::timeout(wait, client.request(request))
         .await
-        .with_context(|| format!("no answer from {uri} within 15 s"))?
+        .with_context(|| format!("no answer from {uri} within {} s", wait.as_secs()))?
         .with_context(|| format!("cannot reach the hub at {base}"))?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();

@@ -102,6 +102,11 @@ pub struct Config {
     /// 30 s, 1 min, 2 min, 5 min, 10 min, 30 min, then hourly at the default) until 24 h
     /// after the delivery was created.
     pub webhook_retry_base_ms: u64,
+    /// Pause after each value a secrets-key re-encryption reseals, in milliseconds
+    /// (default 0: none). Spreads a re-encryption of many values out so it takes less of
+    /// the store's write capacity from the hub's other work; values stay readable
+    /// throughout either way.
+    pub reencrypt_pause_ms: u64,
     /// QUIC transport limits.
     pub quic: QuicLimits,
     /// HTTP API rate limits and login throttling.
@@ -475,6 +480,7 @@ impl Default for Config {
             store_cache_mib: 128,
             secrets_key_file: None,
             webhook_retry_base_ms: DEFAULT_WEBHOOK_RETRY_BASE_MS,
+            reencrypt_pause_ms: 0,
             quic: QuicLimits::default(),
             rate_limit: RateLimitConfig::default(),
             tls: TlsConfig::default(),

@@ -75,12 +75,18 @@ pub fn rotate(hub: &Hub) -> anyhow::Result<u32> {
     Ok(version)
 }
 
-/// Reseal every value under an older key version with the newest. Blocking.
+/// Reseal every value under an older key version with the newest, pausing
+/// `reencrypt_pause_ms` after each. Blocking.
 pub fn reencrypt(hub: &Hub) -> anyhow::Result<Reencrypted> {
     let mut done = Reencrypted::default();
     for value in hub.store.sealed_values()? {
         match reseal(hub, value) {
-            Ok(true) => done.resealed += 1,
+            Ok(true) => {
+                done.resealed += 1;
+                if hub.config.reencrypt_pause_ms > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(hub.config.reencrypt_pause_ms));
+                }
+            }
             Ok(false) => done.current += 1,
             Err(error) => {
                 tracing::warn!(%error, "a sealed value could not be re-encrypted");

@@ -16,6 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
+/// Extra org secrets the rotation test seals, and the pause after each resealed value: a
+/// re-encryption pass lasts about (BULK_SECRETS + 4) × REENCRYPT_PAUSE_MS.
+const BULK_SECRETS: u64 = 50;
+const REENCRYPT_PAUSE_MS: u64 = 600;
 const REGISTRY_PASSWORD: &str = "reg-pass-rotation-51c";
 const SECRET_VALUE: &str = "db-secret-rotation-8e2";
 
@@ -190,7 +194,13 @@ async fn deployments_and_webhooks_keep_working_before_during_and_after_a_key_rot
         return;
     }
     let dir = TempDir::new("keys-rotation");
-    let hub = TestHub::start(&dir.path().join("hub"), |c| c.webhook_retry_base_ms = 200).await;
+    // Each resealed value is followed by a pause, so a re-encryption of the values below
+    // lasts longer than a round of deploys and deliveries.
+    let hub = TestHub::start(&dir.path().join("hub"), |c| {
+        c.webhook_retry_base_ms = 200;
+        c.reencrypt_pause_ms = REENCRYPT_PAUSE_MS;
+    })
+    .await;
     hub.create_org("acme", 5).await;
     let api = hub.api();
     let state = dir.path().join("agent");
@@ -203,6 +213,10 @@ async fn deployments_and_webhooks_keep_working_before_during_and_after_a_key_rot
     let registry_host = format!("127.0.0.1:{registry_port}");
     put(&api, &format!("/api/v1/orgs/acme/registries/{registry_host}"), json!({ "username": "deploy", "password": REGISTRY_PASSWORD })).await;
     put(&api, "/api/v1/orgs/acme/secrets/db", json!({ "value": SECRET_VALUE })).await;
+    for n in 0..BULK_SECRETS {
+        put(&api, &format!("/api/v1/orgs/acme/secrets/bulk-{n}"), json!({ "value": format!("bulk value {n}") })).await;
+    }
+    let sealed = 3 + BULK_SECRETS;
     let (hooks_port, hooks) = recorder(ok_reply).await;
     let (status, hook) = api.post("/api/v1/orgs/acme/webhooks", &json!({ "url": format!("http://127.0.0.1:{hooks_port}/hooks"), "events": ["*"] })).await;
     assert_eq!(status, 201, "{hook}");
@@ -233,36 +247,47 @@ async fn deployments_and_webhooks_keep_working_before_during_and_after_a_key_rot
     // Before: everything sealed under version 1.
     fleet.round("before rotation").await;
     let status = key_status(&api).await;
-    assert_eq!((status["current_version"].as_u64(), status["values_by_version"].clone()), (Some(1), json!({ "1": 3 })), "{status}");
+    assert_eq!((status["current_version"].as_u64(), status["values_by_version"].clone()), (Some(1), json!({ "1": sealed })), "{status}");
 
     // A new version, old values not yet re-encrypted: they stay readable where they are.
     let (status, rotated) = api.post("/api/v1/secrets-key/rotate", &json!({ "reencrypt": false })).await;
     assert_eq!(status, 200, "{rotated}");
     assert_eq!(rotated["version"], 2);
-    assert_eq!(rotated["status"]["values_by_version"], json!({ "1": 3 }), "{rotated}");
-    assert_eq!(rotated["status"]["stale"], 3);
+    assert_eq!(rotated["status"]["values_by_version"], json!({ "1": sealed }), "{rotated}");
+    assert_eq!(rotated["status"]["stale"], sealed);
     fleet.round("new version, old ciphertexts").await;
     // A value written now is sealed with the new version.
     put(&api, "/api/v1/orgs/acme/secrets/other", json!({ "value": "x-other-value" })).await;
-    assert_eq!(key_status(&api).await["values_by_version"], json!({ "1": 3, "2": 1 }));
+    assert_eq!(key_status(&api).await["values_by_version"], json!({ "1": sealed, "2": 1 }));
 
-    // During: the CLI re-encrypts while a round of deploys and deliveries runs.
+    // During: the CLI re-encrypts while a round of deploys (one pulling with the stored
+    // registry login, one with the stored secret) and webhook deliveries runs. The key
+    // status shows the pass under way (values moved, others not yet) before the round
+    // starts and still after it ended, so every operation of the round ran inside it.
     let key = hub.operator_key.clone();
     let url = format!("http://{}", hub.http);
     let reencrypt = tokio::spawn(async move { hub_cli(&["rotate-key", "--reencrypt-only", "--url", &url], &key).await });
+    let in_progress = |status: &Value| status["values_by_version"]["2"].as_u64() > Some(1) && status["stale"].as_u64() > Some(0);
+    let started = wait_for(Duration::from_secs(30), "the re-encryption under way", || async {
+        let status = key_status(&api).await;
+        in_progress(&status).then_some(status)
+    })
+    .await;
     fleet.round("during re-encryption").await;
+    let after_round = key_status(&api).await;
+    assert!(in_progress(&after_round), "the re-encryption was still running when the round ended: {started} then {after_round}");
     let (code, stdout, stderr) = reencrypt.await.unwrap();
     assert_eq!(code, 0, "{stdout} {stderr}");
-    assert!(stdout.contains("re-encrypted 3 value(s)"), "{stdout}");
+    assert!(stdout.contains(&format!("re-encrypted {sealed} value(s)")), "{stdout}");
     let status = key_status(&api).await;
-    assert_eq!((status["values_by_version"].clone(), status["stale"].as_u64()), (json!({ "2": 4 }), Some(0)), "all on the new version: {status}");
+    assert_eq!((status["values_by_version"].clone(), status["stale"].as_u64()), (json!({ "2": sealed + 1 }), Some(0)), "all on the new version: {status}");
     fleet.round("after re-encryption").await;
 
     // `gantry-hub rotate-key` does both steps at once.
     let (code, stdout, stderr) = hub_cli(&["rotate-key", "--url", &format!("http://{}", hub.http)], &hub.operator_key).await;
     assert_eq!(code, 0, "{stdout} {stderr}");
     assert!(stdout.contains("secrets key version 3 is now current"), "{stdout}");
-    assert_eq!(key_status(&api).await["values_by_version"], json!({ "3": 4 }));
+    assert_eq!(key_status(&api).await["values_by_version"], json!({ "3": sealed + 1 }));
     fleet.round("after a second rotation").await;
 
     // Both rotations and the re-encryption are in the audit log.
