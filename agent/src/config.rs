@@ -113,7 +113,8 @@ impl Config {
             config.hub_addr = Some(v);
         }
         if let Some(v) = env("GANTRY_METRICS_LISTEN") {
-            config.metrics_listen = Some(v.parse().map_err(|_| anyhow::anyhow!("GANTRY_METRICS_LISTEN must be an address and port, like 127.0.0.1:9465 (got {v:?})"))?);
+            config.metrics_listen =
+                Some(v.parse().map_err(|_| anyhow::anyhow!("GANTRY_METRICS_LISTEN must be an address and port, like 127.0.0.1:9465 (got {v:?})"))?);
         }
         if let Some(v) = state_dir_flag {
             config.state_dir = v;

@@ -67,7 +67,12 @@ impl AgentMetrics {
         let one = |v: f64| [(String::new(), v)];
         metric("gantry_agent_build_info", "gauge", "The agent's version.", &[(format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1.0)]);
         metric("gantry_agent_start_time_seconds", "gauge", "When the agent started, Unix seconds.", &one(self.started_unix as f64));
-        metric("gantry_agent_connected", "gauge", "1 while a session with the hub is established.", &one(f64::from(u8::from(self.connected.load(Ordering::Relaxed)))));
+        metric(
+            "gantry_agent_connected",
+            "gauge",
+            "1 while a session with the hub is established.",
+            &one(f64::from(u8::from(self.connected.load(Ordering::Relaxed)))),
+        );
         metric(
             "gantry_agent_sessions_established_total",
             "counter",
@@ -259,7 +264,10 @@ mod tests {
     }
 
     fn value(text: &str, series: &str) -> f64 {
-        text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
     }
 
     #[test]

@@ -466,10 +466,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 Err(crate::store::Error::Locked(path)) => anyhow::bail!("the store at {path} is in use: stop the hub before running `gantry-hub compact`"),
                 other => other.with_context(|| format!("compacting the store in {}", data.display()))?,
             };
-            println!(
-                "store compacted: {} trees, {} records, {} bytes before, {} after",
-                done.trees, done.records, done.bytes_before, done.bytes_after
-            );
+            println!("store compacted: {} trees, {} records, {} bytes before, {} after", done.trees, done.records, done.bytes_before, done.bytes_after);
             Ok(())
         }
         Command::Audit { command: AuditCommand::Verify { data } } => {
@@ -510,7 +507,14 @@ pub async fn http_json(method: &str, base: &str, path: &str, bearer: &str, body:
 }
 
 /// [`http_json`] for a call that may take up to `wait` before the hub answers.
-async fn http_json_within(method: &str, base: &str, path: &str, bearer: &str, body: Option<&serde_json::Value>, wait: Duration) -> anyhow::Result<serde_json::Value> {
+async fn http_json_within(
+    method: &str,
+    base: &str,
+    path: &str,
+    bearer: &str,
+    body: Option<&serde_json::Value>,
+    wait: Duration,
+) -> anyhow::Result<serde_json::Value> {
     let (status, bytes) = http_request(method, base, path, bearer, body, wait).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     if !status.is_success() {

@@ -424,3 +424,22 @@ pub async fn dial_session(
         other => bail!("expected a welcome, got {other:?}"),
     }
 }
+
+/// The first hour of the month the ledger benchmarks fill (2026-11-01T00:00:00Z).
+pub const MONTH_START_MS: i64 = 1_793_491_200_000;
+
+/// One usage entry of the ledger benchmarks: `org`'s log bytes in hour `hour` of the month,
+/// recorded as that hour closes.
+pub fn log_bytes_usage(org: u64, hour: i64, quantity: i64) -> gantry_hub::store::LedgerEntry {
+    use gantry_hub::billing::{Meter, HOUR_MS};
+    gantry_hub::store::LedgerEntry {
+        seq: 0,
+        org: format!("org-{org:05}"),
+        meter: Meter::LogBytes,
+        hour_ms: MONTH_START_MS + hour * HOUR_MS,
+        source: format!("agt-{org:05}"),
+        quantity,
+        kind: gantry_hub::store::EntryKind::Usage,
+        recorded_at_ms: MONTH_START_MS + (hour + 1) * HOUR_MS,
+    }
+}

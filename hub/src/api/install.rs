@@ -196,9 +196,8 @@ async fn check(State(hub): State<Arc<Hub>>, ApiJson(body): ApiJson<CheckRequest>
             (token.org, refusal, None)
         }
         (None, Some(id), Some(certificate)) => {
-            let agent = install::authenticate_agent(&hub, &id, &certificate)?.ok_or_else(|| {
-                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_agent", format!("the hub knows no agent {id} with this certificate"))
-            })?;
+            let agent = install::authenticate_agent(&hub, &id, &certificate)?
+                .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_agent", format!("the hub knows no agent {id} with this certificate")))?;
             let status = agent_view(&hub, &agent).status;
             (agent.org, Some("an enrolled agent enrolls nothing; a new agent needs an enrollment token".to_string()), Some(status))
         }

@@ -511,7 +511,10 @@ impl Store {
             entry.salt = None;
             // Nothing else rewrites an entry; a failed swap would mean the log changed
             // under the write gate, which is a corrupt store.
-            self.audit.entries.compare_and_swap(&key, Some(raw), Some(encode(&entry)))?.map_err(|_| Error::Corrupt(format!("audit entry {} changed while being erased", entry.seq)))?;
+            self.audit
+                .entries
+                .compare_and_swap(&key, Some(raw), Some(encode(&entry)))?
+                .map_err(|_| Error::Corrupt(format!("audit entry {} changed while being erased", entry.seq)))?;
             erased += 1;
         }
         self.durable()?;
@@ -794,5 +797,4 @@ mod tests {
         assert!(matches!(store.verify_audit().unwrap(), AuditVerdict::Intact { entries: 4, .. }));
         assert_eq!(stored(&store, 1).actor, "old@acme.example");
     }
-
 }

@@ -365,7 +365,19 @@ mod tests {
         // leaves it (the store itself already moved aside).
         std::fs::rename(dir.join("store"), dir.join(REPLACED)).unwrap();
         {
-            let old = sled::Config::new().path(dir.join(REPLACED)).open().unwrap();
+            // The store dropped above lets go of its file lock a moment later.
+            let old = {
+                let started = std::time::Instant::now();
+                loop {
+                    match sled::Config::new().path(dir.join(REPLACED)).open() {
+                        Ok(db) => break db,
+                        Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") && started.elapsed() < super::super::LOCK_WAIT => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => panic!("opening the moved store: {e}"),
+                    }
+                }
+            };
             let copy = sled::Config::new().path(dir.join(COMPACTED)).open().unwrap();
             for name in old.tree_names() {
                 let (from, to) = (old.open_tree(&name).unwrap(), copy.open_tree(&name).unwrap());

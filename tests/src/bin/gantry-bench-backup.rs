@@ -18,9 +18,8 @@
 //! release: `cargo build --release -p gantry-tests --features bench --bin gantry-bench-backup`.
 
 use anyhow::{bail, Context, Result};
-use gantry_hub::billing::{Meter, HOUR_MS};
-use gantry_hub::store::{EntryKind, LedgerEntry, NewAuditEntry, Org, Session, Store};
-use gantry_tests::bench::{cores, median, r2, today};
+use gantry_hub::store::{NewAuditEntry, Org, Session, Store};
+use gantry_tests::bench::{cores, log_bytes_usage, median, r2, today, MONTH_START_MS};
 use serde_json::json;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,9 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: gantry-bench-backup [--orgs N (1000)] [--hours H (720)] [--audit A (10000)] [--writers W (2)] [--runs R (3)]";
-
-/// 2026-11-01T00:00:00Z: the ledger's month starts here.
-const MONTH_START_MS: i64 = 1_793_491_200_000;
 
 struct Flags {
     orgs: u64,
@@ -100,21 +96,20 @@ fn measure(flags: &Flags, dir: &std::path::Path) -> Result<()> {
     let filling = Instant::now();
     for org in 0..flags.orgs {
         let id = format!("org-{org:05}");
-        store.create_org(&Org { id: id.clone(), name: id, agent_limit: 100, agent_count: 0, suspended: false, created_at_ms: MONTH_START_MS, retention_days: 0 })?;
+        store.create_org(&Org {
+            id: id.clone(),
+            name: id,
+            agent_limit: 100,
+            agent_count: 0,
+            suspended: false,
+            created_at_ms: MONTH_START_MS,
+            retention_days: 0,
+        })?;
     }
     let mut pending = Vec::with_capacity(1000);
     for hour in 0..flags.hours as i64 {
         for org in 0..flags.orgs {
-            pending.push(LedgerEntry {
-                seq: 0,
-                org: format!("org-{org:05}"),
-                meter: Meter::LogBytes,
-                hour_ms: MONTH_START_MS + hour * HOUR_MS,
-                source: format!("agt-{org:05}"),
-                quantity: 1_000 + (org as i64 * 7919 + hour * 104_729) % 20_000_000,
-                kind: EntryKind::Usage,
-                recorded_at_ms: MONTH_START_MS + (hour + 1) * HOUR_MS,
-            });
+            pending.push(log_bytes_usage(org, hour, 1_000 + (org as i64 * 7919 + hour * 104_729) % 20_000_000));
             if pending.len() == 1000 {
                 for outcome in store.record_many(&pending) {
                     outcome.context("appending to the ledger")?;
@@ -142,7 +137,13 @@ fn measure(flags: &Flags, dir: &std::path::Path) -> Result<()> {
     let filled_s = filling.elapsed().as_secs_f64();
     store.snapshot()?; // warms the page cache as a running hub's would be
     let store_bytes = dir_bytes(&dir.join("store"));
-    println!("store filled in {filled_s:.1} s: {} orgs, {} ledger entries, {} audit entries, {:.1} MiB on disk", flags.orgs, flags.orgs * flags.hours, flags.audit, store_bytes as f64 / 1048576.0);
+    println!(
+        "store filled in {filled_s:.1} s: {} orgs, {} ledger entries, {} audit entries, {:.1} MiB on disk",
+        flags.orgs,
+        flags.orgs * flags.hours,
+        flags.audit,
+        store_bytes as f64 / 1048576.0
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
@@ -195,7 +196,8 @@ fn measure(flags: &Flags, dir: &std::path::Path) -> Result<()> {
     let p99 = outside.get(((outside.len() as f64 * 0.99) as usize).min(outside.len().saturating_sub(1))).copied().unwrap_or(0.0);
     let mut per_run = Vec::new();
     for (i, (from, taken, held, records, with_read)) in runs.iter().enumerate() {
-        let worst = samples.iter().filter(|(at, took)| overlaps(*at, *took, *from, *from + *taken)).map(|(_, took)| took.as_secs_f64() * 1000.0).fold(0.0, f64::max);
+        let worst =
+            samples.iter().filter(|(at, took)| overlaps(*at, *took, *from, *from + *taken)).map(|(_, took)| took.as_secs_f64() * 1000.0).fold(0.0, f64::max);
         println!(
             "run {}: writes held {:.1} ms, snapshot {:.1} ms ({records} records), longest overlapping write {worst:.1} ms, read back by {:.1} ms",
             i + 1,
@@ -206,13 +208,7 @@ fn measure(flags: &Flags, dir: &std::path::Path) -> Result<()> {
         per_run.push(json!({ "held_ms": r2(held.as_secs_f64() * 1000.0), "snapshot_ms": r2(taken.as_secs_f64() * 1000.0), "longest_write_ms": r2(worst), "records": records }));
     }
     let held: Vec<f64> = runs.iter().map(|r| r.2.as_secs_f64() * 1000.0).collect();
-    println!(
-        "writes outside snapshots: {} (median {:.3} ms, p99 {:.3} ms); median hold {:.1} ms",
-        outside.len(),
-        median(&outside),
-        p99,
-        median(&held)
-    );
+    println!("writes outside snapshots: {} (median {:.3} ms, p99 {:.3} ms); median hold {:.1} ms", outside.len(), median(&outside), p99, median(&held));
     println!(
         "{}",
         json!({

@@ -27,7 +27,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use gantry_hub::billing::pricing::{compute_invoice, Charge, MeterPrice, Prices, Segment, Tier, UnitPrice};
 use gantry_hub::billing::{Meter, HOUR_MS};
-use gantry_tests::bench::{cores, median, r2, r3, today};
+use gantry_tests::bench::{cores, log_bytes_usage, median, r2, r3, today, MONTH_START_MS};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -38,8 +38,6 @@ const USAGE: &str = "usage:
   gantry-bench-billing invoices [--orgs N (10000)] [--runs R (5)]
   gantry-bench-billing ledger [--orgs N (10000)] [--hours H (720)] [--batch B (1000)] [--runs R (3)]";
 
-/// 2026-11-01T00:00:00Z: the benchmark's month starts here.
-const MONTH_START_MS: i64 = 1_793_491_200_000;
 const HOURS: i64 = 720;
 /// Where the plan change (day 12) and the trial's end (day 7) cut the month.
 const CHANGE_HOUR: i64 = 12 * 24;
@@ -342,7 +340,7 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 
 /// One run: append `orgs` × `hours` entries to a fresh store in batches.
 fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<LedgerRun> {
-    use gantry_hub::store::{EntryKind, LedgerEntry, Store};
+    use gantry_hub::store::Store;
     let dir = std::env::temp_dir().join(format!("gantry-bench-ledger-{}-{}", std::process::id(), rand::random::<u64>()));
     std::fs::create_dir_all(&dir)?;
     let store = Store::create(&dir).context("creating the store")?;
@@ -358,16 +356,7 @@ fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<LedgerRun> {
             day_started = Instant::now();
         }
         for org in 0..orgs {
-            pending.push(LedgerEntry {
-                seq: 0,
-                org: format!("org-{org:05}"),
-                meter: Meter::LogBytes,
-                hour_ms: MONTH_START_MS + hour * HOUR_MS,
-                source: format!("agt-{org:05}"),
-                quantity: rng.range(1_000, 20_000_000) as i64,
-                kind: EntryKind::Usage,
-                recorded_at_ms: MONTH_START_MS + (hour + 1) * HOUR_MS,
-            });
+            pending.push(log_bytes_usage(org, hour, rng.range(1_000, 20_000_000) as i64));
             if pending.len() as u64 >= batch {
                 for outcome in store.record_many(&pending) {
                     outcome.context("appending")?;
@@ -380,7 +369,7 @@ fn ledger_run(orgs: u64, hours: u64, batch: u64) -> Result<LedgerRun> {
         outcome.context("appending")?;
     }
     let secs = started.elapsed().as_secs_f64();
-    if hours % 24 == 0 {
+    if hours.is_multiple_of(24) {
         day_rates.push((orgs * 24) as f64 / day_started.elapsed().as_secs_f64());
     }
     ensure!(store.ledger_head()? == orgs * hours, "ledger holds {} entries, expected {}", store.ledger_head()?, orgs * hours);

@@ -746,7 +746,8 @@ async fn the_agent_serves_its_own_metrics_to_prometheus_clients() {
     agent.stop().await.unwrap();
     // A taken address is a clear start-up error, not a silent agent without metrics.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = gantry_agent::config::Config { state_dir: state, metrics_listen: Some(taken.local_addr().unwrap()), ..gantry_agent::config::Config::default() };
+    let config =
+        gantry_agent::config::Config { state_dir: state, metrics_listen: Some(taken.local_addr().unwrap()), ..gantry_agent::config::Config::default() };
     let error = InProcessAgent::start_with(config).stop().await.expect_err("the agent must not start on a taken metrics address");
     assert!(error.to_string().contains("metrics_listen"), "{error}");
 }

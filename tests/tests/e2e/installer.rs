@@ -490,7 +490,9 @@ async fn preflight_fails_on_a_foreign_platform_a_skewed_clock_and_an_unreachable
     assert!(out.contains("build     FAIL   the hub has no gantry-agent-linux-riscv64"), "{out}");
 
     // A clock an hour ahead of the hub's.
-    container.write_program("/opt/ahead/date", "#!/bin/sh\nif [ \"$1\" = +%s ]; then echo $(($(/usr/bin/date +%s) + 3600)); else exec /usr/bin/date \"$@\"; fi\n").await;
+    container
+        .write_program("/opt/ahead/date", "#!/bin/sh\nif [ \"$1\" = +%s ]; then echo $(($(/usr/bin/date +%s) + 3600)); else exec /usr/bin/date \"$@\"; fi\n")
+        .await;
     let (code, out) = container.install_with(&hub, "PATH=/opt/ahead:$PATH", &dry_run).await;
     assert_eq!(code, 3, "{out}");
     let clock = out.lines().find(|l| l.contains("clock     FAIL")).unwrap_or_else(|| panic!("no clock failure:\n{out}"));

@@ -477,7 +477,10 @@ async fn an_org_exports_exactly_its_own_data_and_deletion_leaves_none_behind() {
     assert_eq!((code, body["exit_code"].as_i64()), (200, Some(0)), "{body}");
     let (_, before) = api.get(&format!("/api/v1/orgs/{org}/audit?limit=1000")).await;
     let before = before.to_string();
-    assert!(before.contains(&exec_marker) && before.contains(&alpha.owner_email) && before.contains("127.0.0.1"), "the audit log shows who did what from where");
+    assert!(
+        before.contains(&exec_marker) && before.contains(&alpha.owner_email) && before.contains("127.0.0.1"),
+        "the audit log shows who did what from where"
+    );
 
     let bravo_logs_before = api.all_records(&format!("/api/v1/orgs/{}/logs", bravo.org), &format!("&to={to}")).await.len();
     let audit_before =
