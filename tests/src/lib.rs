@@ -526,11 +526,20 @@ impl HubProcess {
     }
 }
 
+/// A loopback TCP address nothing listens on (bound, then released): for a server a test
+/// starts there later, or for a peer that must not answer.
+pub fn free_tcp_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("probe tcp").local_addr().expect("addr")
+}
+
+/// A loopback UDP address nothing listens on (bound, then released).
+pub fn free_udp_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("probe udp").local_addr().expect("addr")
+}
+
 /// Two free loopback addresses (TCP for HTTP, UDP for QUIC) for a hub process.
 pub fn free_addrs() -> (SocketAddr, SocketAddr) {
-    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("probe tcp").local_addr().expect("addr");
-    let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe udp").local_addr().expect("addr");
-    (http, quic)
+    (free_tcp_addr(), free_udp_addr())
 }
 
 /// Write an agent config file for `state_dir` that tails `files`, with extra TOML appended.

@@ -30,7 +30,7 @@ async fn alerts(api: &Api, org: &str, status: &str) -> Vec<Value> {
 /// A webhook endpoint for every event, pointed at a port nothing listens on: the delivery
 /// log still shows each event the hub meant to send.
 async fn webhook(api: &Api, org: &str) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_tcp_addr().port();
     let (code, body) = api.post(&format!("/api/v1/orgs/{org}/webhooks"), &json!({ "url": format!("http://127.0.0.1:{port}/hook"), "events": ["*"] })).await;
     assert_eq!(code, 201, "{body}");
     body["id"].as_str().unwrap().to_string()

@@ -607,11 +607,6 @@ fn exported(exposition: &str) -> BTreeSet<String> {
     exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
 }
 
-/// A loopback address with a free TCP port.
-fn free_local_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
-}
-
 /// `curl` against `url` with extra arguments: (status line, whole output).
 fn curl(url: &str, args: &[&str]) -> (String, String) {
     let mut all = vec!["-sS", "--max-time", "10", "-i"];
@@ -643,7 +638,7 @@ async fn grafana_dashboards_query_only_exported_metrics() {
     let token = hub.token("acme", 1, "10m").await;
     let state = dir.path().join("agent");
     let id = enroll(&token, &state).await.unwrap();
-    let metrics_addr = free_local_addr();
+    let metrics_addr = free_tcp_addr();
     let agent = InProcessAgent::start_with(gantry_agent::config::Config {
         state_dir: state.clone(),
         metrics_listen: Some(metrics_addr),
@@ -709,7 +704,7 @@ async fn the_agent_serves_its_own_metrics_to_prometheus_clients() {
     let id = enroll(&token, &state).await.unwrap();
     let log = dir.path().join("app.log");
     std::fs::write(&log, "one\ntwo\nthree\n").unwrap();
-    let metrics_addr = free_local_addr();
+    let metrics_addr = free_tcp_addr();
     let mut config = gantry_agent::config::Config { state_dir: state.clone(), metrics_listen: Some(metrics_addr), ..gantry_agent::config::Config::default() };
     config.files.paths = vec![log.display().to_string()];
     config.docker.enabled = false;

@@ -10,10 +10,6 @@ use gantry_tests::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn fast(config: &mut gantry_hub::config::Config) {
     config.alert_interval_ms = 200;
 }
@@ -55,7 +51,7 @@ async fn a_failing_http_check_restarts_its_container_and_recovers() {
     let dir = TempDir::new("check-http");
     let (hub, id, _agent) = setup(&dir).await;
     let api = hub.api();
-    let port = free_port();
+    let port = free_tcp_addr().port();
     let name = unique("check-web");
     // Serves /health until the file is removed; a restart writes it again.
     let container = Container::run(
@@ -113,7 +109,7 @@ async fn a_crash_looping_container_stops_being_restarted_and_an_alert_fires() {
     let name = unique("check-loop");
     // Runs, but never serves what the check wants.
     let container = Container::run(&name, "sleep 600", &["--label", "gantry.test=checks"]);
-    let port = free_port();
+    let port = free_tcp_addr().port();
     let spec = json!({
         "name": "api",
         "probe": { "type": "tcp", "host": "127.0.0.1", "port": port },

@@ -11,10 +11,6 @@ use gantry_tests::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spec(port: u16, script: &str) -> Value {
     json!({
         "name": "web",
@@ -59,7 +55,7 @@ async fn deploy_roll_back_converge_and_remove() {
     let mut agent = AgentProcess::start_with_config(&config, &state);
     let api = hub.api();
     hub.wait_status(&agent_id, "online", Duration::from_secs(20)).await;
-    let port = free_port();
+    let port = free_tcp_addr().port();
 
     // Revision 1: healthy, serving.
     let (status, created) = api.post("/api/v1/orgs/acme/deployments", &json!({ "spec": spec(port, GOOD), "targets": { "selector": { "role": "web" } } })).await;

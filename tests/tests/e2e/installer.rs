@@ -194,11 +194,6 @@ async fn start_hub(dir: &Path, downloads: &Path) -> TestHub {
     .await
 }
 
-/// A local address nothing listens on (bound, then released).
-fn unused_addr() -> std::net::SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 async fn org_agents(hub: &TestHub, org: &str) -> Vec<Value> {
     let (status, body) = hub.api().get(&format!("/api/v1/orgs/{org}/agents")).await;
     assert_eq!(status, 200, "{body}");
@@ -503,7 +498,7 @@ async fn preflight_fails_on_a_foreign_platform_a_skewed_clock_and_an_unreachable
 
     // The QUIC port unreachable: the token names an address where nothing answers UDP.
     let mut parsed = gantry_shared::token::EnrollmentToken::parse(&token).unwrap();
-    parsed.hub_addr = unused_addr().to_string();
+    parsed.hub_addr = free_udp_addr().to_string();
     let (code, out) = container.install(&hub, &format!("--token {} --no-systemd --dry-run", parsed.encode())).await;
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("quic      FAIL") && out.contains("fix:   allow outbound UDP to"), "{out}");
@@ -554,7 +549,7 @@ async fn bad_checksum_hub_gone_agent_never_online_and_failed_command_exit_with_t
 
     // Installed and started, but the agent cannot reach the hub's QUIC port (the kept
     // config sends it to an address where nothing answers): exit 6 once --timeout is up.
-    let quiet = unused_addr();
+    let quiet = free_udp_addr();
     let (code, out) = container.sh(&format!("mkdir -p /etc/gantry && echo 'hub_addr = \"{quiet}\"' > /etc/gantry/agent.toml")).await;
     assert_eq!(code, 0, "{out}");
     let (code, out) = container.install(&hub, &format!("{args} --timeout 3")).await;

@@ -48,10 +48,6 @@ fn fast(config: &mut gantry_hub::config::Config) {
     config.alert_interval_ms = 200;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 async fn send_json(api: &Api, method: &str, path: &str, body: &Value) -> (u16, Value) {
     let (status, _, text) = api.send(method, path, Some("application/json"), serde_json::to_vec(body).unwrap()).await;
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -110,7 +106,7 @@ async fn tenant(hub: &TestHub, dir: &Path, org: &str, marker: &str) -> Tenant {
     let (code, key) = owner.post(&format!("/api/v1/orgs/{org}/api-keys"), &json!({ "name": key_name, "scopes": ["read"] })).await;
     assert_eq!(code, 201, "{key}");
 
-    let webhook_url = format!("http://127.0.0.1:{}/hooks/{org}", free_port());
+    let webhook_url = format!("http://127.0.0.1:{}/hooks/{org}", free_tcp_addr().port());
     let (code, webhook) = api.post(&format!("/api/v1/orgs/{org}/webhooks"), &json!({ "url": webhook_url, "events": ["*"] })).await;
     assert_eq!(code, 201, "{webhook}");
     let secret_name = format!("{org}-db-password");
@@ -152,7 +148,7 @@ async fn tenant(hub: &TestHub, dir: &Path, org: &str, marker: &str) -> Tenant {
     assert_eq!(code, 200, "{body}");
     // A check that fails (nothing listens on its port), so reports, states and an alert exist.
     let check_name = format!("{org}-api-port");
-    let probe = json!({ "type": "tcp", "host": "127.0.0.1", "port": free_port() });
+    let probe = json!({ "type": "tcp", "host": "127.0.0.1", "port": free_tcp_addr().port() });
     let (code, check) = api
         .post(
             &format!("/api/v1/orgs/{org}/checks"),
@@ -672,7 +668,7 @@ async fn a_deletion_interrupted_by_sigkill_is_finished_when_the_hub_starts_again
         (records.iter().filter(|r| r["line"].as_str().is_some_and(|l| l.starts_with(marker))).count() == LINES).then_some(())
     })
     .await;
-    let webhook_url = format!("http://127.0.0.1:{}/hooks/{org}", free_port());
+    let webhook_url = format!("http://127.0.0.1:{}/hooks/{org}", free_tcp_addr().port());
     let (code, webhook) = api.post(&format!("/api/v1/orgs/{org}/webhooks"), &json!({ "url": webhook_url, "events": ["*"] })).await;
     assert_eq!(code, 201, "{webhook}");
     let (code, body) = send_json(&api, "PUT", &format!("/api/v1/orgs/{org}/settings"), &json!({ "exec_enabled": true })).await;
