@@ -584,7 +584,7 @@ mod tests {
     async fn ledger_telemetry_usage_counts_each_stored_record_once_per_hour() {
         use gantry_shared::message::StreamClass;
         use gantry_shared::telemetry::{LogLine, LogStream, Record, RecordBody};
-        let (store, _dir) = store();
+        let (store, dir) = store();
         let h = crate::billing::HOUR_MS;
         let log = |seq: u64, ts: i64, line: &str| Record {
             seq,
@@ -599,15 +599,31 @@ mod tests {
         let got: Vec<(i64, u64, u64)> = pending.iter().map(|u| (u.hour_ms, u.records, u.bytes)).collect();
         assert_eq!(got, [(h, 2, 8), (2 * h, 1, 2)]);
         assert_eq!(store.unsettled_telemetry_usage(2 * h, 100).unwrap().len(), 1, "only hours before the bound");
-        // More arrives for hour 1 after it was read: settling the stale reading fails.
-        store.ingest("agt_1", StreamClass::Logs, &[log(4, h + 7, "k")]).await.unwrap();
+        // More arrives for hour 1 after it was read (while the stream's newest hour is a
+        // later one): settling the stale reading fails.
+        store.ingest("agt_1", StreamClass::Logs, &[log(4, 3 * h + 1, "l"), log(5, h + 7, "k")]).await.unwrap();
         assert!(!store.settle_telemetry_usage(&pending[0]).unwrap());
         assert!(store.settle_telemetry_usage(&pending[1]).unwrap());
         let again = store.unsettled_telemetry_usage(3 * h, 100).unwrap();
         assert_eq!(again.len(), 1);
-        assert_eq!((again[0].records, again[0].bytes), (3, 9), "totals are cumulative");
+        assert_eq!((again[0].hour_ms, again[0].records, again[0].bytes), (h, 3, 9), "totals are cumulative");
         assert!(store.settle_telemetry_usage(&again[0]).unwrap());
         assert!(store.unsettled_telemetry_usage(3 * h, 100).unwrap().is_empty());
+        // The newest hour is reported once it is before the bound, and a late record that
+        // arrives when no hour is open is counted at the next reading, not lost.
+        let newest = store.unsettled_telemetry_usage(4 * h, 100).unwrap();
+        assert_eq!(newest.iter().map(|u| (u.hour_ms, u.records, u.bytes)).collect::<Vec<_>>(), [(3 * h, 1, 1)]);
+        assert!(store.settle_telemetry_usage(&newest[0]).unwrap());
+        store.ingest("agt_1", StreamClass::Logs, &[log(6, h + 9, "mn")]).await.unwrap();
+        let late = store.unsettled_telemetry_usage(4 * h, 100).unwrap();
+        assert_eq!(late.iter().map(|u| (u.hour_ms, u.records, u.bytes)).collect::<Vec<_>>(), [(h, 4, 11)]);
+        // The marks keep counting across a reopen of the store.
+        store.ingest("agt_1", StreamClass::Logs, &[log(7, 5 * h, "op")]).await.unwrap();
+        drop(store);
+        let reopened = Store::open(&dir).unwrap();
+        assert_eq!(reopened.high_water("agt_1", StreamClass::Logs).unwrap(), 7);
+        let after = reopened.unsettled_telemetry_usage(6 * h, 100).unwrap();
+        assert_eq!(after.iter().map(|u| (u.hour_ms, u.records, u.bytes)).collect::<Vec<_>>(), [(h, 4, 11), (5 * h, 1, 2)]);
     }
 
     #[test]

@@ -277,7 +277,7 @@ pub struct Store {
     /// Telemetry chunk payloads (see segments.rs).
     segments: std::sync::Arc<segments::Segments>,
     /// The telemetry writer thread (see telemetry.rs).
-    telemetry_writer: std::sync::mpsc::Sender<telemetry::WriteJob>,
+    telemetry_writer: std::sync::mpsc::Sender<telemetry::WriterJob>,
     meta: sled::Tree,
     orgs: sled::Tree,
     users: sled::Tree,

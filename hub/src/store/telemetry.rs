@@ -14,6 +14,11 @@
 //! below the mark are dropped as duplicates. The metrics tree also lists each agent's
 //! metric names under `\0name\0 agent \0 name`.
 //!
+//! A mark also carries the stream's usage of its newest hour (see [`Mark`]), counted in the
+//! same write as the records; the hour moves to the usage keys once the stream writes a
+//! later hour or the ledger asks for closed hours. So a batch writes two keys per tree
+//! (its chunk index entries and its mark), not four.
+//!
 //! Chunk values start with a header, `[format u8][count u32 BE][newest ts i64 BE]`. Logs,
 //! events and health hold the bincode of their records; metrics hold one block per metric
 //! name, `[name len u16][name][block len u32][bincode of (ts, labels, value) points]`, so a
@@ -28,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 const HWM_PREFIX: &[u8] = b"\0hwm\0";
 const NAME_PREFIX: &[u8] = b"\0name\0";
 /// Usage per agent and hour (`\0use\0 hour agent` → `[records u64][bytes u64]`), added to
-/// in the same atomic batch as the chunks it counts, and the hours whose usage changed since
+/// in the same atomic batch as the mark that held it, and the hours whose usage changed since
 /// the ledger last took it (`\0dirty\0 hour agent` → the usage as it was then).
 const USE_PREFIX: &[u8] = b"\0use\0";
 const DIRTY_PREFIX: &[u8] = b"\0dirty\0";
@@ -81,6 +86,52 @@ fn hwm_key(agent: &str) -> Vec<u8> {
     let mut key = HWM_PREFIX.to_vec();
     key.extend_from_slice(agent.as_bytes());
     key
+}
+
+/// A stream's stored mark: the highest sequence number stored, and the usage of its newest
+/// hour that is not yet in the usage keys (`(hour, records, bytes)`).
+///
+/// Stored as `[seq u64]` (hubs before open-hour usage) or `[seq u64][hour i64][records
+/// u64][bytes u64]`, all big-endian.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Mark {
+    seq: u64,
+    open: Option<(i64, u64, u64)>,
+}
+
+impl Mark {
+    fn decode(raw: &[u8]) -> Result<Mark, Error> {
+        let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().unwrap_or_default());
+        match raw.len() {
+            8 => Ok(Mark { seq: u64_at(0), open: None }),
+            32 => Ok(Mark { seq: u64_at(0), open: Some((u64_at(8) as i64, u64_at(16), u64_at(24))) }),
+            _ => Err(Error::Corrupt("high-water mark".into())),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.seq.to_be_bytes().to_vec();
+        if let Some((hour, records, bytes)) = self.open {
+            out.extend_from_slice(&hour.to_be_bytes());
+            out.extend_from_slice(&records.to_be_bytes());
+            out.extend_from_slice(&bytes.to_be_bytes());
+        }
+        out
+    }
+
+    /// Count `(hour, records, bytes)` in: into the open hour, or as a new open hour (the
+    /// old one pushed to `closed`), or straight to `closed` when it is older (late records).
+    fn count(&mut self, hour: i64, records: u64, bytes: u64, closed: &mut Vec<(i64, u64, u64)>) {
+        match &mut self.open {
+            None => self.open = Some((hour, records, bytes)),
+            Some(open) if open.0 == hour => (open.1, open.2) = (open.1 + records, open.2 + bytes),
+            Some(open) if open.0 < hour => {
+                closed.push(*open);
+                *open = (hour, records, bytes);
+            }
+            Some(_) => closed.push((hour, records, bytes)),
+        }
+    }
 }
 
 fn name_key(agent: &str, name: &str) -> Vec<u8> {
@@ -385,8 +436,7 @@ impl Store {
     /// The stream's high-water mark (0 if nothing was stored yet).
     pub fn high_water(&self, agent: &str, class: StreamClass) -> Result<u64, Error> {
         let Some(raw) = self.class_tree(class).get(hwm_key(agent))? else { return Ok(0) };
-        let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| Error::Corrupt("high-water mark".into()))?;
-        Ok(u64::from_be_bytes(bytes))
+        Ok(Mark::decode(&raw)?.seq)
     }
 
     /// Store a batch of one agent stream and its new high-water mark atomically, then
@@ -402,7 +452,7 @@ impl Store {
             let (outcome, job) = self.prepare(agent, class, records, mark)?;
             let Some((job, reply)) = job else { return Ok(outcome) };
             let new_names = job.new_names.clone();
-            self.telemetry_writer.send(job).map_err(|_| Error::Corrupt("the telemetry writer has stopped".into()))?;
+            self.telemetry_writer.send(WriterJob::Write(job)).map_err(|_| Error::Corrupt("the telemetry writer has stopped".into()))?;
             match reply.await.map_err(|_| Error::Corrupt("the telemetry writer has stopped".into()))? {
                 Ok(true) => {
                     if !new_names.is_empty() {
@@ -637,6 +687,12 @@ impl Store {
     /// ([`Store::settle_telemetry_usage`]), oldest hours first, at most `limit` per class.
     /// The totals are everything ever stored for that agent, class and hour.
     pub fn unsettled_telemetry_usage(&self, before_ms: i64, limit: usize) -> Result<Vec<StoredUsage>, Error> {
+        // Hours still open in streams' marks are counted in first. Not under the write
+        // gate: the writer may be held by a snapshot that waits for that gate.
+        let (reply, answer) = std::sync::mpsc::channel();
+        let stopped = || Error::Corrupt("the telemetry writer has stopped".into());
+        self.telemetry_writer.send(WriterJob::CloseHours { before_ms, reply }).map_err(|_| stopped())?;
+        answer.recv().map_err(|_| stopped())?.map_err(Error::Corrupt)?;
         let mut out = Vec::new();
         for class in [StreamClass::Metrics, StreamClass::Logs, StreamClass::Events, StreamClass::Health] {
             let upper = usage_key(DIRTY_PREFIX, before_ms, "");
@@ -750,6 +806,21 @@ pub(super) struct WriteJob {
 /// `Ok(true)` stored and durable, `Ok(false)` the mark moved (prepare again), `Err` failed.
 type WriteReply = tokio::sync::oneshot::Receiver<Result<bool, String>>;
 
+/// What the telemetry writer thread is asked to do.
+#[derive(Debug)]
+pub(super) enum WriterJob {
+    Write(WriteJob),
+    /// Move the usage of every stream's open hour before `before_ms` into the usage keys,
+    /// so the ledger finds it (see [`Mark`]).
+    CloseHours {
+        before_ms: i64,
+        reply: std::sync::mpsc::Sender<Result<(), String>>,
+    },
+}
+
+/// Usage leaving marks in one group, summed per `(tree, hour, agent)`.
+type ClosedUsage = BTreeMap<(usize, i64, String), (u64, u64)>;
+
 /// Most jobs applied before one flush.
 const WRITER_GROUP: usize = 4096;
 /// Shortest time between the starts of two telemetry flushes; the added acknowledgement
@@ -820,8 +891,8 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Start the thread; it ends when every sender (every clone of the store) is gone.
-    pub fn spawn(mut self) -> Result<std::sync::mpsc::Sender<WriteJob>, Error> {
-        let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
+    pub fn spawn(mut self) -> Result<std::sync::mpsc::Sender<WriterJob>, Error> {
+        let (tx, rx) = std::sync::mpsc::channel::<WriterJob>();
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || {
@@ -829,21 +900,32 @@ impl Writer {
                 while let Ok(first) = rx.recv() {
                     // With flushes at most every FLUSH_INTERVAL, a busy hub makes a few
                     // large synced writes instead of thousands of small ones.
-                    let mut jobs = vec![first];
+                    let mut jobs = Vec::new();
+                    let mut close = None;
+                    match first {
+                        WriterJob::Write(job) => jobs.push(job),
+                        WriterJob::CloseHours { before_ms, reply } => close = Some((before_ms, reply)),
+                    }
                     let due = last_flush + FLUSH_INTERVAL;
-                    while jobs.len() < WRITER_GROUP {
+                    while close.is_none() && jobs.len() < WRITER_GROUP {
                         let left = due.saturating_duration_since(std::time::Instant::now());
                         let next = if left.is_zero() { rx.try_recv().ok() } else { rx.recv_timeout(left).ok() };
                         match next {
-                            Some(job) => jobs.push(job),
+                            Some(WriterJob::Write(job)) => jobs.push(job),
+                            Some(WriterJob::CloseHours { before_ms, reply }) => close = Some((before_ms, reply)),
                             None => break,
                         }
                     }
-                    last_flush = std::time::Instant::now();
                     // A backup copying the index holds this: no group lands mid-copy.
                     let segments = self.appender.segments();
                     let _paused = segments.pause();
-                    self.commit(jobs);
+                    if !jobs.is_empty() {
+                        last_flush = std::time::Instant::now();
+                        self.commit(jobs);
+                    }
+                    if let Some((before_ms, reply)) = close {
+                        let _ = reply.send(self.close_hours(before_ms));
+                    }
                 }
             })
             .map_err(|e| Error::Corrupt(format!("starting the telemetry writer: {e}")))?;
@@ -852,30 +934,40 @@ impl Writer {
 
     fn commit(&mut self, jobs: Vec<WriteJob>) {
         // Marks as they will be after this group, so two batches of one stream in the same
-        // group are checked against each other.
-        let mut marks: HashMap<(usize, Vec<u8>), u64> = HashMap::new();
+        // group are checked against each other, and each stream's mark is written once.
+        let mut marks: HashMap<(usize, Vec<u8>), Mark> = HashMap::new();
+        let mut closed = ClosedUsage::new();
         let mut accepted = Vec::with_capacity(jobs.len());
         let mut answers = Vec::with_capacity(jobs.len());
         for job in jobs {
             let stream = (job.tree, job.hwm_key.clone());
             let current = match marks.get(&stream) {
                 Some(mark) => *mark,
-                None => match self.trees[job.tree].get(&job.hwm_key) {
-                    Ok(raw) => raw.and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok()).map_or(0, u64::from_be_bytes),
+                None => match self.trees[job.tree].get(&job.hwm_key).map_err(Error::from).and_then(|raw| raw.map(|raw| Mark::decode(&raw)).transpose()) {
+                    Ok(mark) => mark.unwrap_or_default(),
                     Err(error) => {
                         answers.push((job.reply, Err(error.to_string())));
                         continue;
                     }
                 },
             };
-            if current != job.expected_mark {
+            if current.seq != job.expected_mark {
                 answers.push((job.reply, Ok(false)));
                 continue;
             }
-            marks.insert(stream, job.new_mark);
+            let mut mark = Mark { seq: job.new_mark, ..current };
+            let mut left = Vec::new();
+            for &(hour, records, bytes) in &job.usage {
+                mark.count(hour, records, bytes, &mut left);
+            }
+            for (hour, records, bytes) in left {
+                let sum = closed.entry((job.tree, hour, job.agent.clone())).or_default();
+                (sum.0, sum.1) = (sum.0 + records, sum.1 + bytes);
+            }
+            marks.insert(stream, mark);
             accepted.push(job);
         }
-        let result = self.store(&accepted);
+        let result = self.store(&accepted, &marks, &closed);
         for job in accepted {
             answers.push((job.reply, result.clone().map(|()| true)));
         }
@@ -884,8 +976,9 @@ impl Writer {
         }
     }
 
-    /// Payloads to the segment log (synced), then index entries and marks to sled (flushed).
-    fn store(&mut self, jobs: &[WriteJob]) -> Result<(), String> {
+    /// Payloads to the segment log (synced), then index entries, marks and closed usage to
+    /// sled, one atomic batch per tree, flushed once.
+    fn store(&mut self, jobs: &[WriteJob], marks: &HashMap<(usize, Vec<u8>), Mark>, closed: &ClosedUsage) -> Result<(), String> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -893,9 +986,10 @@ impl Writer {
         let payloads: Vec<&[u8]> = jobs.iter().flat_map(|job| job.chunks.iter().map(|c| c.payload.as_slice())).collect();
         let locations = self.appender.append(&payloads).map_err(|e| e.to_string())?;
         let appended = started.elapsed();
+        let mut batches: [Option<sled::Batch>; 4] = Default::default();
         let mut at = locations.iter();
         for job in jobs {
-            let mut batch = sled::Batch::default();
+            let batch = batches[job.tree].get_or_insert_default();
             for chunk in &job.chunks {
                 let location = *at.next().ok_or("segment locations out of step")?;
                 batch.insert(chunk.key.as_slice(), &encode_index(location, chunk.count, chunk.newest)[..]);
@@ -903,17 +997,15 @@ impl Writer {
             for name in &job.new_names {
                 batch.insert(name.as_slice(), Vec::<u8>::new());
             }
-            batch.insert(job.hwm_key.as_slice(), &job.new_mark.to_be_bytes());
-            // This thread is the only writer of usage keys, and earlier jobs of the group
-            // are already applied, so reading the current total here is exact.
-            for &(hour, records, bytes) in &job.usage {
-                let key = usage_key(USE_PREFIX, hour, &job.agent);
-                let current = self.trees[job.tree].get(&key).map_err(|e| e.to_string())?.and_then(|v| parse_usage_value(&v)).unwrap_or_default();
-                let total = usage_value(current.0 + records, current.1 + bytes);
-                batch.insert(key, &total[..]);
-                batch.insert(usage_key(DIRTY_PREFIX, hour, &job.agent), &total[..]);
+        }
+        for ((tree, key), mark) in marks {
+            batches[*tree].get_or_insert_default().insert(key.as_slice(), mark.encode());
+        }
+        self.add_usage(&mut batches, closed)?;
+        for (tree, batch) in batches.into_iter().enumerate() {
+            if let Some(batch) = batch {
+                self.trees[tree].apply_batch(batch).map_err(|e| e.to_string())?;
             }
-            self.trees[job.tree].apply_batch(batch).map_err(|e| e.to_string())?;
         }
         self.appender.referenced(&locations);
         let applied = started.elapsed();
@@ -927,6 +1019,47 @@ impl Writer {
             "telemetry group committed"
         );
         flushed
+    }
+
+    /// Add `closed` to the usage totals and mark those hours unsettled, in `batches`. This
+    /// thread is the only writer of usage keys, so the totals read here are exact.
+    fn add_usage(&self, batches: &mut [Option<sled::Batch>; 4], closed: &ClosedUsage) -> Result<(), String> {
+        for (&(tree, hour, ref agent), &(records, bytes)) in closed {
+            let key = usage_key(USE_PREFIX, hour, agent);
+            let current = self.trees[tree].get(&key).map_err(|e| e.to_string())?.and_then(|v| parse_usage_value(&v)).unwrap_or_default();
+            let total = usage_value(current.0 + records, current.1 + bytes);
+            let batch = batches[tree].get_or_insert_default();
+            batch.insert(key, &total[..]);
+            batch.insert(usage_key(DIRTY_PREFIX, hour, agent), &total[..]);
+        }
+        Ok(())
+    }
+
+    /// Move every open hour before `before_ms` out of the marks into the usage keys.
+    fn close_hours(&mut self, before_ms: i64) -> Result<(), String> {
+        let mut batches: [Option<sled::Batch>; 4] = Default::default();
+        let mut closed = ClosedUsage::new();
+        for (index, tree) in self.trees.iter().enumerate() {
+            for item in tree.scan_prefix(HWM_PREFIX) {
+                let (key, raw) = item.map_err(|e| e.to_string())?;
+                let mut mark = Mark::decode(&raw).map_err(|e| e.to_string())?;
+                let Some((hour, records, bytes)) = mark.open.filter(|open| open.0 < before_ms) else { continue };
+                mark.open = None;
+                let agent = String::from_utf8_lossy(&key[HWM_PREFIX.len()..]).into_owned();
+                closed.insert((index, hour, agent), (records, bytes));
+                batches[index].get_or_insert_default().insert(key, mark.encode());
+            }
+        }
+        if closed.is_empty() {
+            return Ok(());
+        }
+        self.add_usage(&mut batches, &closed)?;
+        for (tree, batch) in batches.into_iter().enumerate() {
+            if let Some(batch) = batch {
+                self.trees[tree].apply_batch(batch).map_err(|e| e.to_string())?;
+            }
+        }
+        self.flusher.durable(&self.db).map_err(|e| e.to_string())
     }
 }
 
@@ -953,6 +1086,24 @@ mod tests {
     fn store() -> (Store, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("gantry-telemetry-{}", rand::random::<u64>()));
         (Store::create(&dir).unwrap(), dir)
+    }
+
+    /// Marks written by older hubs (the sequence number alone) still read; a mark's open
+    /// hour takes the stream's newest hour and hands older ones on as closed usage.
+    #[test]
+    fn marks_read_both_formats_and_count_usage_into_the_newest_hour() {
+        assert_eq!(Mark::decode(&7u64.to_be_bytes()).unwrap(), Mark { seq: 7, open: None });
+        let mark = Mark { seq: 9, open: Some((3_600_000, 4, 40)) };
+        assert_eq!(Mark::decode(&mark.encode()).unwrap(), mark);
+        assert!(Mark::decode(&[0u8; 12]).is_err(), "a damaged mark is an error, not zero");
+        let mut mark = Mark::default();
+        let mut closed = Vec::new();
+        mark.count(10, 1, 5, &mut closed);
+        mark.count(10, 2, 6, &mut closed);
+        mark.count(20, 1, 1, &mut closed);
+        mark.count(10, 1, 2, &mut closed);
+        assert_eq!(mark.open, Some((20, 1, 1)));
+        assert_eq!(closed, [(10, 3, 11), (10, 1, 2)]);
     }
 
     /// Many streams ingesting at once, with writes elsewhere in the store between them: each
