@@ -4,9 +4,9 @@
 #
 # The image copies a prebuilt binary; nothing is compiled inside it:
 #
-#   cargo build --profile dist -p gantry-agent
+#   cargo build --profile dist-agent -p gantry-agent
 #   mkdir -p deploy/docker/bin
-#   cp target/dist/gantry-agent deploy/docker/bin/
+#   cp target/dist-agent/gantry-agent deploy/docker/bin/
 #   docker build -f deploy/docker/agent.Dockerfile -t gantry-agent deploy/docker
 #
 # It runs as root: it reads the Docker socket and applies deployments through it. Give it

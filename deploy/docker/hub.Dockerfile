@@ -3,9 +3,9 @@
 # The image copies prebuilt binaries; nothing is compiled inside it. Build them on Debian
 # bookworm (or an older glibc) so they run on the base image, then build from this folder:
 #
-#   cargo build --profile dist -p gantry-hub -p gantry-agent
+#   cargo build --profile dist -p gantry-hub && cargo build --profile dist-agent -p gantry-agent
 #   mkdir -p deploy/docker/bin
-#   cp target/dist/gantry-hub target/dist/gantry-agent deploy/docker/bin/
+#   cp target/dist/gantry-hub target/dist-agent/gantry-agent deploy/docker/bin/
 #   docker build -f deploy/docker/hub.Dockerfile -t gantry-hub deploy/docker
 #
 # BASE_IMAGE is any Debian-like image with bash and useradd (default: debian:bookworm-slim).
