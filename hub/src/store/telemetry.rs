@@ -823,9 +823,19 @@ type ClosedUsage = BTreeMap<(usize, i64, String), (u64, u64)>;
 
 /// Most jobs applied before one flush.
 const WRITER_GROUP: usize = 4096;
-/// Shortest time between the starts of two telemetry flushes; the added acknowledgement
+/// Longest wait between the starts of two telemetry flushes; the added acknowledgement
 /// latency is at most this.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// The wait grows by this per job of the previous group, up to [`FLUSH_INTERVAL`]: a lone
+/// stream (an agent draining its spool) is answered within a few milliseconds, while a
+/// busy hub settles at a few large synced writes per second instead of thousands of small
+/// ones.
+const FLUSH_WAIT_PER_JOB: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// How long to gather jobs after a flush that stored `previous` of them.
+fn flush_wait(previous: usize) -> std::time::Duration {
+    FLUSH_WAIT_PER_JOB.saturating_mul(u32::try_from(previous).unwrap_or(u32::MAX)).min(FLUSH_INTERVAL)
+}
 
 /// An index entry: `[format][segment u64][offset u64][len u32][count u32][newest ts i64]`,
 /// all big-endian.
@@ -897,16 +907,15 @@ impl Writer {
             .name("telemetry-writer".into())
             .spawn(move || {
                 let mut last_flush = std::time::Instant::now();
+                let mut previous = 0;
                 while let Ok(first) = rx.recv() {
-                    // With flushes at most every FLUSH_INTERVAL, a busy hub makes a few
-                    // large synced writes instead of thousands of small ones.
                     let mut jobs = Vec::new();
                     let mut close = None;
                     match first {
                         WriterJob::Write(job) => jobs.push(job),
                         WriterJob::CloseHours { before_ms, reply } => close = Some((before_ms, reply)),
                     }
-                    let due = last_flush + FLUSH_INTERVAL;
+                    let due = last_flush + flush_wait(previous);
                     while close.is_none() && jobs.len() < WRITER_GROUP {
                         let left = due.saturating_duration_since(std::time::Instant::now());
                         let next = if left.is_zero() { rx.try_recv().ok() } else { rx.recv_timeout(left).ok() };
@@ -921,6 +930,7 @@ impl Writer {
                     let _paused = segments.pause();
                     if !jobs.is_empty() {
                         last_flush = std::time::Instant::now();
+                        previous = jobs.len();
                         self.commit(jobs);
                     }
                     if let Some((before_ms, reply)) = close {
