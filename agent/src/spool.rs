@@ -89,26 +89,6 @@ const CLASS_NAMES: [&str; 4] = ["metrics", "logs", "events", "health"];
 const ACK_CHUNK: usize = 10_000;
 /// sled's page cache: the agent must stay small; the spool is written far more than read.
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
-/// sled's log segment for new spools. sled fills one segment-sized buffer in memory before
-/// writing it out, so an idle agent's resident memory cycles by about this much; spools
-/// made with another size (512 KiB before) keep theirs, as sled cannot change it.
-const SEGMENT_BYTES: usize = 256 * 1024;
-/// Segment size of spools made before [`SEGMENT_FILE`] existed.
-const OLD_SEGMENT_BYTES: usize = 512 * 1024;
-/// The spool's segment size, written beside sled's files when the store is made, so a
-/// damaged sled `conf` (see [`salvage_config`]) never reopens it with another size.
-const SEGMENT_FILE: &str = "gantry-segment-size";
-
-/// The segment size of the spool store at `path`: the one sled recorded, else the one
-/// Gantry recorded, else 512 KiB for a store made before either, else [`SEGMENT_BYTES`].
-fn segment_size(path: &Path) -> usize {
-    let recorded = |name: &str, prefix: &str| {
-        let bytes = std::fs::read(path.join(name)).ok()?;
-        // sled's conf ends in a binary checksum: read it as lossy text.
-        String::from_utf8_lossy(&bytes).lines().find_map(|line| line.strip_prefix(prefix)?.trim().parse().ok())
-    };
-    recorded("conf", "segment_size:").or_else(|| recorded(SEGMENT_FILE, "")).unwrap_or(if path.join("db").exists() { OLD_SEGMENT_BYTES } else { SEGMENT_BYTES })
-}
 const MIB: u64 = 1024 * 1024;
 
 /// What went wrong in the spool.
@@ -498,11 +478,7 @@ fn load(path: &Path) -> Result<Loaded, sled::Error> {
     // No background flusher: every append flushes before it returns, and acks need not be
     // durable (a resent record is dropped by the hub), so its wake-ups twice a second
     // would only cost an idle agent CPU.
-    let segment = segment_size(path);
-    let db = sled::Config::new().path(path).cache_capacity(CACHE_BYTES).segment_size(segment).flush_every_ms(None).open()?;
-    if !path.join(SEGMENT_FILE).exists() {
-        std::fs::write(path.join(SEGMENT_FILE), segment.to_string())?;
-    }
+    let db = sled::Config::new().path(path).cache_capacity(CACHE_BYTES).flush_every_ms(None).open()?;
     let meta = open_tree(&db, META_TREE)?;
     let trees = [open_tree(&db, CLASS_NAMES[0])?, open_tree(&db, CLASS_NAMES[1])?, open_tree(&db, CLASS_NAMES[2])?, open_tree(&db, CLASS_NAMES[3])?];
     let mut scans: [Scan; 4] = Default::default();
@@ -1318,32 +1294,6 @@ mod tests {
         let out = spool.append(StreamClass::Logs, vec![], Some(("file:/var/log/app.log", b"offset=999"))).unwrap();
         assert_eq!((out.first_seq, out.last_seq), (7, 6));
         assert_eq!(spool.checkpoint("file:/var/log/app.log").unwrap().as_deref(), Some(&b"offset=999"[..]));
-    }
-
-    /// New spools use the smaller sled segment; a spool made with the old 512 KiB segment
-    /// (sled refuses another size on an existing store) still opens and keeps its records,
-    /// also when sled's conf file is lost.
-    #[test]
-    fn new_spools_use_small_segments_and_old_ones_keep_theirs() {
-        let fresh = TempDir::new("segment-new");
-        drop(open(fresh.path()));
-        assert_eq!(segment_size(&fresh.path().join(SPOOL_DIR)), SEGMENT_BYTES);
-
-        let old = TempDir::new("segment-old");
-        let db = sled::Config::new().path(old.path().join(SPOOL_DIR)).segment_size(OLD_SEGMENT_BYTES).open().unwrap();
-        db.flush().unwrap();
-        drop(db);
-        {
-            let (spool, report) = open(old.path());
-            assert_eq!(report.quarantined, None, "an old spool is opened, not set aside");
-            spool.append(StreamClass::Logs, logs(0, 5, 40), None).unwrap();
-        }
-        assert_eq!(segment_size(&old.path().join(SPOOL_DIR)), OLD_SEGMENT_BYTES);
-        std::fs::remove_file(old.path().join(SPOOL_DIR).join("conf")).unwrap();
-        let (spool, report) = open(old.path());
-        assert_eq!(report.quarantined, None);
-        assert_eq!(all_pending(&spool, StreamClass::Logs).len(), 5);
-        assert_eq!(segment_size(&old.path().join(SPOOL_DIR)), OLD_SEGMENT_BYTES);
     }
 
     #[test]
