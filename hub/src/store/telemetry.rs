@@ -1012,11 +1012,7 @@ impl Writer {
             batches[*tree].get_or_insert_default().insert(key.as_slice(), mark.encode());
         }
         self.add_usage(&mut batches, closed)?;
-        for (tree, batch) in batches.into_iter().enumerate() {
-            if let Some(batch) = batch {
-                self.trees[tree].apply_batch(batch).map_err(|e| e.to_string())?;
-            }
-        }
+        self.apply(batches)?;
         self.appender.referenced(&locations);
         let applied = started.elapsed();
         let flushed = self.flusher.durable(&self.db).map_err(|e| e.to_string());
@@ -1045,6 +1041,16 @@ impl Writer {
         Ok(())
     }
 
+    /// Apply each tree's batch (each one atomic).
+    fn apply(&self, batches: [Option<sled::Batch>; 4]) -> Result<(), String> {
+        for (tree, batch) in batches.into_iter().enumerate() {
+            if let Some(batch) = batch {
+                self.trees[tree].apply_batch(batch).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Move every open hour before `before_ms` out of the marks into the usage keys.
     fn close_hours(&mut self, before_ms: i64) -> Result<(), String> {
         let mut batches: [Option<sled::Batch>; 4] = Default::default();
@@ -1064,11 +1070,7 @@ impl Writer {
             return Ok(());
         }
         self.add_usage(&mut batches, &closed)?;
-        for (tree, batch) in batches.into_iter().enumerate() {
-            if let Some(batch) = batch {
-                self.trees[tree].apply_batch(batch).map_err(|e| e.to_string())?;
-            }
-        }
+        self.apply(batches)?;
         self.flusher.durable(&self.db).map_err(|e| e.to_string())
     }
 }
